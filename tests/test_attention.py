@@ -1,0 +1,165 @@
+"""Attention: causality for every kind, and equivalences that pin MHA/GQA/MQA and MLA down."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.blocks.mha import MultiHeadAttention
+from zoo.blocks.mla import MultiHeadLatentAttention
+from zoo.blocks.rope import RotaryEmbedding
+from zoo.specs import (
+    DynamicNTKScaling,
+    LinearScaling,
+    MHASpec,
+    MLASpec,
+    MLPSpec,
+    ModelSpec,
+    RopeSpec,
+    YarnScaling,
+)
+
+D = 64
+YARN = RopeSpec(scaling=YarnScaling(factor=4.0, original_max_seq_len=16, mscale=1.0, mscale_all_dim=1.0))
+ATTENTION_KINDS = {
+    "mha": MHASpec(n_heads=4),
+    "gqa": MHASpec(n_heads=4, n_kv_heads=2),
+    "mqa": MHASpec(n_heads=4, n_kv_heads=1),
+    "gqa_glm4": MHASpec(n_heads=4, n_kv_heads=2, qk_norm=True, qkv_bias=True, rotary_fraction=0.5),
+    "mha_linear_rope": MHASpec(n_heads=4, rope=RopeSpec(scaling=LinearScaling(factor=2.0))),
+    "mha_dynamic_ntk": MHASpec(n_heads=4, rope=RopeSpec(scaling=DynamicNTKScaling(factor=2.0, original_max_seq_len=16))),
+    "mha_yarn": MHASpec(n_heads=4, rope=YARN),
+    "mla": MLASpec(n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
+    "mla_q_lora": MLASpec(n_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
+    "mla_interleaved_yarn": MLASpec(n_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                    v_head_dim=12, rope_layout="interleaved", rope=YARN),
+}
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_causality(kind):
+    spec = ModelSpec(vocab_size=97, d_model=D, n_layers=2, max_seq_len=48,
+                     attention=ATTENTION_KINDS[kind], ffn=MLPSpec(d_hidden=96))
+    model = zoo.build(spec).eval()
+    T = 48
+    ids = torch.randint(0, 97, (2, T))
+    with torch.no_grad():
+        base = model(ids).logits
+        for t in (1, 17, 40):
+            changed = ids.clone()
+            changed[:, t:] = torch.randint(0, 97, (2, T - t))
+            logits = model(changed).logits
+            assert (logits[:, :t] - base[:, :t]).abs().max() < 1e-6, f"{kind}: position < {t} saw the future"
+            # The check can fail: some later logit must move.
+            assert (logits[:, t:] - base[:, t:]).abs().max() > 1e-3
+
+
+def _rope(dim):
+    return RotaryEmbedding(dim=dim)
+
+
+def _reference_attention(x, wq, wk, wv, wo, n_heads, n_kv, head_dim, rope):
+    """Textbook attention with an explicit mask and repeated K/V heads, written independently."""
+    B, T, _ = x.shape
+    q = (x @ wq.T).view(B, T, n_heads, head_dim).transpose(1, 2)
+    k = (x @ wk.T).view(B, T, n_kv, head_dim).transpose(1, 2)
+    v = (x @ wv.T).view(B, T, n_kv, head_dim).transpose(1, 2)
+    cos, sin = rope(torch.arange(T))
+    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+    def rot(t):
+        t1, t2 = t[..., : head_dim // 2], t[..., head_dim // 2:]
+        return t * cos + torch.cat([-t2, t1], -1) * sin
+
+    q, k = rot(q), rot(k)
+    k = k.repeat_interleave(n_heads // n_kv, dim=1)
+    v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    y = scores.softmax(-1) @ v
+    return y.transpose(1, 2).reshape(B, T, n_heads * head_dim) @ wo.T
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_mha_gqa_mqa_equal_reference_attention(n_kv):
+    attn = MultiHeadAttention(d_model=D, n_heads=4, n_kv_heads=n_kv, head_dim=16, rope=_rope(16))
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 24, D)
+    ref = _reference_attention(x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+                               4, n_kv, 16, attn.rope)
+    torch.testing.assert_close(attn(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    gqa = MultiHeadAttention(d_model=D, n_heads=4, n_kv_heads=2, head_dim=16, rope=_rope(16))
+    mha = MultiHeadAttention(d_model=D, n_heads=4, n_kv_heads=4, head_dim=16, rope=_rope(16))
+    for p in gqa.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        mha.q_proj.weight.copy_(gqa.q_proj.weight)
+        mha.o_proj.weight.copy_(gqa.o_proj.weight)
+        for name in ("k_proj", "v_proj"):
+            w = getattr(gqa, name).weight.view(2, 16, D)  # (G, Dh, D)
+            getattr(mha, name).weight.copy_(w.repeat_interleave(2, dim=0).reshape(4 * 16, D))
+    x = torch.randn(2, 20, D)
+    torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
+
+
+def test_mla_equals_mha_on_expanded_weights():
+    """MLA is MHA whose K/V come from the latent: recompute it by hand from its own weights."""
+    H, N, R, V, C = 4, 8, 8, 12, 16
+    mla = MultiHeadLatentAttention(d_model=D, n_heads=H, kv_lora_rank=C, qk_nope_head_dim=N, qk_rope_head_dim=R,
+                                   v_head_dim=V, rope=_rope(R))
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 20, D)
+    B, T, _ = x.shape
+    q = (x @ mla.q_proj.weight.T).view(B, T, H, N + R).transpose(1, 2)
+    kv_a = x @ mla.kv_a_proj.weight.T
+    latent, k_rope = kv_a[..., :C], kv_a[..., C:]
+    latent = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + 1e-6) * mla.kv_a_norm.weight
+    kv = (latent @ mla.kv_b_proj.weight.T).view(B, T, H, N + V).transpose(1, 2)
+    cos, sin = mla.rope(torch.arange(T))
+
+    def rot(t):  # half layout
+        t1, t2 = t[..., : R // 2], t[..., R // 2:]
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
+
+    q = torch.cat([q[..., :N], rot(q[..., N:])], -1)
+    k = torch.cat([kv[..., :N], rot(k_rope).unsqueeze(1).expand(B, H, T, R)], -1)
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+    y = ((q @ k.transpose(-1, -2)) / math.sqrt(N + R)).masked_fill(mask, float("-inf")).softmax(-1) @ kv[..., N:]
+    ref = y.transpose(1, 2).reshape(B, T, H * V) @ mla.o_proj.weight.T
+    torch.testing.assert_close(mla(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_interleaved_layout_equals_half_layout_on_permuted_weights():
+    """Interleaved RoPE is half-layout RoPE on a fixed permutation of the rotary dims."""
+    kw = dict(d_model=D, n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
+    inter = MultiHeadLatentAttention(**kw, rope=_rope(8), rope_layout="interleaved")
+    half = MultiHeadLatentAttention(**kw, rope=_rope(8), rope_layout="half")
+    for p in inter.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    half.load_state_dict(inter.state_dict())
+    perm = torch.cat([torch.arange(0, 8, 2), torch.arange(1, 8, 2)])  # interleaved pairs -> halves
+    with torch.no_grad():
+        q = half.q_proj.weight.view(4, 16, D)
+        q[:, 8:] = q[:, 8:][:, perm]
+        kv_a = half.kv_a_proj.weight
+        kv_a[16:] = kv_a[16:][perm]
+    x = torch.randn(2, 12, D)
+    torch.testing.assert_close(inter(x), half(x), atol=1e-5, rtol=1e-5)
+    assert (inter(x) - MultiHeadLatentAttention(**kw, rope=_rope(8)).eval()(x)).abs().max() > 1e-3
+
+
+def test_yarn_softmax_scale_correction_applies():
+    spec_rope = RotaryEmbedding(dim=8, scaling="yarn", factor=4.0, original_max_seq_len=16, mscale=1.0,
+                                mscale_all_dim=1.0)
+    mla = MultiHeadLatentAttention(d_model=D, n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                                   v_head_dim=12, rope=spec_rope)
+    mscale = 0.1 * math.log(4.0) + 1
+    assert mla.softmax_scale == pytest.approx(16**-0.5 * mscale**2)
+    assert F is not None

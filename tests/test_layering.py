@@ -1,0 +1,34 @@
+"""Arrows point one way: blocks import neither pydantic, fiddle, nor the spec/builder/training layers."""
+
+import ast
+from pathlib import Path
+
+import zoo.blocks
+
+FORBIDDEN = ("pydantic", "fiddle", "zoo.specs", "zoo.builders", "zoo.presets", "zoo.overrides", "training")
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_blocks_import_no_config_library():
+    files = sorted(Path(zoo.blocks.__file__).parent.glob("*.py"))
+    assert len(files) >= 8
+    for path in files:
+        for name in _imports(path):
+            assert not any(name == f or name.startswith(f + ".") for f in FORBIDDEN), (
+                f"{path.name} imports {name}: blocks must stay plain torch"
+            )
+
+
+def test_the_check_catches_a_forbidden_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from pydantic import BaseModel\nimport fiddle as fdl\n")
+    assert {"pydantic", "fiddle"} <= _imports(bad)

@@ -1,0 +1,178 @@
+"""MoE: equivalences (one expert = dense SwiGLU; dropless dispatch = per-token loop) and router invariants."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.blocks.mlp import SwiGLU
+from zoo.blocks.moe import MoE, dropless_dispatch
+from zoo.blocks.routers import SigmoidGroupTopKRouter, SoftmaxTopKRouter
+from zoo.specs import MHASpec, ModelSpec, MoESpec, SigmoidGroupTopKRouterSpec
+
+D, F_HIDDEN = 32, 48
+
+
+def _randomize(module, std=0.3):
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=std)
+
+
+@pytest.mark.parametrize("router_cls", [SoftmaxTopKRouter, SigmoidGroupTopKRouter])
+def test_one_expert_top1_equals_dense_swiglu(router_cls):
+    kwargs = {} if router_cls is SoftmaxTopKRouter else {"routed_scaling_factor": 1.0, "norm_topk_prob": True}
+    moe = MoE(d_model=D, n_experts=1, d_expert=F_HIDDEN, router=router_cls(d_model=D, n_experts=1, top_k=1, **kwargs))
+    _randomize(moe)
+    mlp = SwiGLU(d_model=D, d_hidden=F_HIDDEN)
+    with torch.no_grad():
+        gate, up = moe.experts.gate_up_proj[0].chunk(2, dim=0)
+        mlp.gate_proj.weight.copy_(gate)
+        mlp.up_proj.weight.copy_(up)
+        mlp.down_proj.weight.copy_(moe.experts.down_proj[0])
+    x = torch.randn(3, 10, D)
+    torch.testing.assert_close(moe(x), mlp(x), atol=1e-6, rtol=1e-6)
+
+
+def _loop_reference(x_TD, weights_TK, experts_TK, gate_up, down):
+    """The naive definition: for each token, for each of its K experts, add weight * expert(token)."""
+    rows = []
+    for t in range(x_TD.shape[0]):
+        acc = torch.zeros_like(x_TD[t])
+        for k in range(experts_TK.shape[1]):
+            e = experts_TK[t, k]
+            gate, up = (gate_up[e] @ x_TD[t]).chunk(2)
+            acc = acc + weights_TK[t, k] * (down[e] @ (F.silu(gate) * up))
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def test_dropless_dispatch_equals_per_token_loop_outputs_and_gradients():
+    T, K, E = 37, 3, 6
+    x = torch.randn(T, D, requires_grad=True)
+    gate_up = (torch.randn(E, 2 * F_HIDDEN, D) * 0.2).requires_grad_()
+    down = (torch.randn(E, D, F_HIDDEN) * 0.2).requires_grad_()
+    weights = torch.rand(T, K, requires_grad=True)
+    experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    experts[:, 0] = torch.where(experts[:, 0] == 5, 4, experts[:, 0])  # uneven loads
+
+    y, counts = dropless_dispatch(x, weights, experts, gate_up, down)
+    grads = torch.autograd.grad(y.square().sum(), (x, gate_up, down, weights))
+    y_ref = _loop_reference(x, weights, experts, gate_up, down)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, gate_up, down, weights))
+
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+    assert counts.tolist() == torch.bincount(experts.flatten(), minlength=E).tolist()
+
+
+def test_dropless_dispatch_handles_unused_experts():
+    x = torch.randn(5, D)
+    experts = torch.zeros(5, 1, dtype=torch.long)  # everything to expert 0 of 4
+    y, counts = dropless_dispatch(x, torch.ones(5, 1), experts, torch.randn(4, 2 * F_HIDDEN, D), torch.randn(4, D, F_HIDDEN))
+    assert counts.tolist() == [5, 0, 0, 0] and y.shape == x.shape
+
+
+def _sigmoid_router(**kw):
+    router = SigmoidGroupTopKRouter(d_model=D, n_experts=16, top_k=4, **kw)
+    _randomize(router, std=0.5)
+    return router
+
+
+def test_group_limited_routing_only_picks_experts_in_chosen_groups():
+    router = _sigmoid_router(n_groups=4, topk_groups=2)
+    x = torch.randn(2, 50, D)
+    routing = router(x)
+    groups_TK = routing.experts_TK // 4
+    assert (torch.tensor([len(set(row.tolist())) for row in groups_TK]) <= 2).all()
+    # And they are the groups with the best top-2 sums, recomputed here.
+    scores = torch.sigmoid(x.reshape(-1, D) @ router.weight.T)
+    best = scores.view(-1, 4, 4).topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    for chosen, allowed in zip(groups_TK, best):
+        assert set(chosen.tolist()) <= set(allowed.tolist())
+    # Without the limit some tokens do use more than 2 groups: the check above could fail.
+    free = _sigmoid_router(n_groups=1, topk_groups=1)
+    free.load_state_dict(router.state_dict())
+    assert max(len(set((row // 4).tolist())) for row in free(x).experts_TK) > 2
+
+
+def test_correction_bias_changes_choice_not_weights():
+    router = _sigmoid_router(norm_topk_prob=False)
+    x = torch.randn(1, 40, D)
+    before = router(x)
+    router.e_score_correction_bias[3] = 10.0  # force expert 3 into every token's top-k
+    after = router(x)
+    assert (after.experts_TK == 3).any(dim=-1).all()
+    assert not torch.equal(before.experts_TK.sort(-1).values, after.experts_TK.sort(-1).values)
+    scores = torch.sigmoid(x.reshape(-1, D) @ router.weight.T)
+    # Weights are the unbiased sigmoid scores of the chosen experts.
+    torch.testing.assert_close(after.weights_TK, scores.gather(1, after.experts_TK))
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_norm_topk_prob_makes_weights_sum_to_scaling_factor(scale):
+    router = _sigmoid_router(norm_topk_prob=True, routed_scaling_factor=scale)
+    weights = router(torch.randn(2, 30, D)).weights_TK
+    torch.testing.assert_close(weights.sum(-1), torch.full((60,), scale))
+
+
+def test_bias_update_moves_toward_balance():
+    router = _sigmoid_router(bias_update_rate=0.01)
+    load = torch.tensor([10.0] * 8 + [0.0] * 8)
+    router.update_bias(load)
+    assert torch.equal(router.e_score_correction_bias, torch.tensor([-0.01] * 8 + [0.01] * 8))
+
+
+def test_bias_stays_fp32_in_a_bf16_model():
+    router = _sigmoid_router(bias_update_rate=1e-3).to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16 and router.e_score_correction_bias.dtype == torch.float32
+    router.e_score_correction_bias.fill_(1.0)
+    router.update_bias(torch.tensor([1.0] + [0.0] * 15))
+    assert router.e_score_correction_bias[0].item() == pytest.approx(1.0 - 1e-3)  # bf16 would round to 1.0
+
+
+def test_softmax_router_balance_and_z_loss_closed_form():
+    router = SoftmaxTopKRouter(d_model=D, n_experts=4, top_k=2, balance_loss_weight=0.1, z_loss_weight=0.01)
+    _randomize(router)
+    x = torch.randn(2, 25, D)
+    routing = router(x)
+    logits = x.reshape(-1, D) @ router.weight.T
+    probs = logits.softmax(-1)
+    frac = torch.bincount(probs.topk(2).indices.flatten(), minlength=4).float() / (50 * 2)
+    balance = 0.1 * 4 * (frac * probs.mean(0)).sum()
+    z = 0.01 * logits.logsumexp(-1).square().mean()
+    torch.testing.assert_close(routing.aux_loss, balance + z)
+
+
+def test_sequence_aux_loss_closed_form():
+    router = _sigmoid_router(seq_aux_loss_weight=0.5)
+    x = torch.randn(3, 20, D)
+    routing = router(x)
+    scores = torch.sigmoid(x.reshape(3, 20, D) @ router.weight.T)  # (B, S, E)
+    normed = scores / scores.sum(-1, keepdim=True)
+    chosen = routing.experts_TK.view(3, 20, 4)
+    loss = 0.0
+    for b in range(3):
+        f = torch.bincount(chosen[b].flatten(), minlength=16).float() * 16 / (4 * 20)
+        loss += (f * normed[b].mean(0)).sum()
+    torch.testing.assert_close(routing.aux_loss, 0.5 * loss / 3)
+
+
+def test_model_reports_router_stats_and_updates_biases():
+    spec = ModelSpec(vocab_size=64, d_model=D, n_layers=2, max_seq_len=32, attention=MHASpec(n_heads=4),
+                     ffn=MoESpec(n_experts=4, top_k=2, d_expert=16,
+                                 router=SigmoidGroupTopKRouterSpec(bias_update_rate=0.1)))
+    model = zoo.build(spec)
+    ids = torch.randint(0, 64, (2, 32))
+    out = model(ids, labels=ids)
+    assert sorted(out.router_stats) == [0, 1]
+    for stats in out.router_stats.values():
+        assert stats.load_E.sum() == 2 * 32 * 2
+        mean = stats.load_E.mean()
+        assert stats.max_vio == pytest.approx(((stats.load_E.max() - mean) / mean).item())
+        assert 0 < stats.entropy <= torch.log(torch.tensor(4.0)) + 1e-6
+    loads = {i: s.load_E for i, s in out.router_stats.items()}
+    model.update_routing_biases(loads)
+    bias = model.layers[0].ffn.router.e_score_correction_bias
+    expected = 0.1 * torch.sign(loads[0].mean() - loads[0])
+    torch.testing.assert_close(bias, expected)

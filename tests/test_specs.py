@@ -1,0 +1,127 @@
+"""Specs: every bad spec gives its promised message; edits and diffs behave."""
+
+import pytest
+
+from zoo import presets
+from zoo.overrides import SpecError, apply_sets, diff, validate, with_changes
+from zoo.specs import (
+    LayerOverride,
+    MHASpec,
+    MLASpec,
+    MLPSpec,
+    ModelSpec,
+    MoESpec,
+    RunSpec,
+    SigmoidGroupTopKRouterSpec,
+    YarnScaling,
+)
+
+BAD_SPECS = [
+    # (edit to deepseek_glm4, words the one-line message must contain)
+    ({"model.ffn.top_k": 99}, ["model.ffn", "top_k (99)", "n_experts (8)"]),
+    ({"model.ffn.router.n_groups": 3}, ["n_groups (3)", "divide n_experts (8)"]),
+    ({"model.ffn.router.topk_groups": 2}, ["topk_groups (2)", "n_groups (1)"]),
+    ({"model.ffn.router": {"kind": "sigmoid_group_topk", "n_groups": 4, "topk_groups": 1}, "model.ffn.top_k": 3},
+     ["top_k (3)", "topk_groups"]),
+    ({"model.attention.qk_rope_head_dim": 7}, ["qk_rope_head_dim (7)", "even"]),
+    ({"model.first_k_dense": 9}, ["first_k_dense (9)", "n_layers (6)"]),
+    ({"model.dense_ffn": None}, ["dense_ffn", "first_k_dense"]),
+    ({"data.seq_len": 4096}, ["data.seq_len (4096)", "max_seq_len (512)"]),
+    ({"model.d_model": "abc"}, ["model.d_model", "integer", "'abc'"]),
+    ({"model.ffn.n_experts": 0}, ["model.ffn.n_experts", "greater than or equal to 1"]),
+    ({"train.precision": "fp8"}, ["train.precision", "'fp32', 'bf16' or 'fp16'"]),
+    ({"model.attention.rope.scaling": {"kind": "yarn", "beta_fast": 1, "beta_slow": 2}}, ["beta_slow (2.0)", "beta_fast"]),
+    ({"model.attention.rope.scaling.kind": "ntk"}, ["model.attention.rope.scaling", "kind", "'ntk'"]),
+]
+
+
+@pytest.mark.parametrize("changes,words", BAD_SPECS, ids=[str(c) for c, _ in BAD_SPECS])
+def test_bad_spec_messages(changes, words):
+    with pytest.raises(SpecError) as err:
+        with_changes(presets.get("deepseek_glm4"), changes)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, f"{word!r} missing from: {message}"
+
+
+def test_mha_head_checks():
+    with pytest.raises(SpecError, match=r"n_kv_heads \(3\) must divide n_heads \(8\)"):
+        validate(MHASpec, {"n_heads": 8, "n_kv_heads": 3})
+    with pytest.raises(SpecError, match=r"d_model \(100\) must be divisible by n_heads \(8\)"):
+        validate(ModelSpec, {"d_model": 100, "attention": {"kind": "mha", "n_heads": 8}})
+    with pytest.raises(SpecError, match=r"rotary_fraction \(0.3\).*even whole number"):
+        validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.3}})
+
+
+def test_layer_override_checks():
+    with pytest.raises(SpecError, match="needs `layers` or `every`"):
+        validate(LayerOverride, {"ffn": {"kind": "mlp"}})
+    with pytest.raises(SpecError, match=r"overrides\[0\].layers has \[7\]"):
+        validate(ModelSpec, {"n_layers": 4, "overrides": [{"layers": [7], "ffn": {"kind": "mlp"}}]})
+
+
+def test_per_layer_heterogeneity():
+    spec = ModelSpec(
+        n_layers=6, d_model=64,
+        attention=MHASpec(n_heads=4), ffn=MoESpec(n_experts=4, top_k=1, d_expert=32),
+        first_k_dense=1, dense_ffn=MLPSpec(d_hidden=128),
+        overrides=[
+            LayerOverride(layers=[3], attention=MLASpec(n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
+                                                        qk_rope_head_dim=8, v_head_dim=16)),
+            LayerOverride(every=2, offset=2, ffn=MLPSpec(d_hidden=96)),
+        ],
+    )
+    kinds = [(layer.attention.kind, layer.ffn.kind) for layer in spec.layer_specs()]
+    assert kinds == [("mha", "mlp"), ("mha", "moe"), ("mha", "mlp"), ("mla", "moe"), ("mha", "mlp"), ("mha", "moe")]
+    assert spec.layer_specs()[0].ffn.d_hidden == 128 and spec.layer_specs()[2].ffn.d_hidden == 96
+    import zoo
+
+    model = zoo.build(spec)
+    assert type(model.layers[3].attention).__name__ == "MultiHeadLatentAttention"
+    assert type(model.layers[1].ffn).__name__ == "MoE" and type(model.layers[2].ffn).__name__ == "SwiGLU"
+
+
+def test_json_round_trip_of_every_kind():
+    spec = RunSpec(model=ModelSpec(
+        attention=MLASpec(rope={"scaling": YarnScaling(factor=8, original_max_seq_len=128)}),
+        ffn=MoESpec(router=SigmoidGroupTopKRouterSpec(n_groups=4, topk_groups=2)),
+        overrides=[LayerOverride(layers=[1], attention=MHASpec(n_kv_heads=2), ffn=MLPSpec())],
+    ))
+    again = RunSpec.model_validate_json(spec.model_dump_json())
+    assert again == spec and again.model.attention.rope.scaling.kind == "yarn"
+
+
+def test_set_parses_json_values_and_switches_kind():
+    spec = apply_sets(presets.get("deepseek_glm4"), [
+        "model.ffn.n_experts=16", "train.adam_lr=1e-3", "model.tie_embeddings=false", "data.source=/tmp/x.txt",
+        "model.attention.kind=mha",
+    ])
+    assert spec.model.ffn.n_experts == 16 and spec.train.adam_lr == 1e-3 and not spec.model.tie_embeddings
+    assert spec.data.source == "/tmp/x.txt"
+    assert spec.model.attention == MHASpec()  # a new kind starts from its defaults
+
+
+@pytest.mark.parametrize("assignment,words", [
+    ("model.nosuch=1", ["unknown field 'model.nosuch'", "valid keys at model:", "d_model", "ffn"]),
+    ("model.ffn.router.nope.x=1", ["unknown field 'model.ffn.router.nope'", "valid keys at model.ffn.router"]),
+    ("nothing", ["path=value"]),
+    ("model.overrides.0=1", ["model.overrides is a list of 0"]),
+])
+def test_set_errors_name_valid_keys(assignment, words):
+    with pytest.raises(SpecError) as err:
+        apply_sets(presets.get("deepseek_glm4"), [assignment])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_diff_of_glm4_and_deepseek_glm4_is_attention_only():
+    rows = diff(presets.get("glm4"), presets.get("deepseek_glm4"))
+    assert rows and all(path.startswith("model.attention.") for path, _, _ in rows)
+    assert ("model.attention.kind", "mha", "mla") in rows
+
+
+def test_variants_are_small_diffs_from_their_base():
+    rows = diff(presets.get("exp1_baseline"), presets.get("exp1_mlp"))
+    assert {p.split(".")[1] for p, _, _ in rows} == {"ffn"}
+    assert diff(presets.get("exp1_baseline"), presets.get("exp1_baseline")) == []

@@ -1,0 +1,1 @@
+"""Blueberry Zoo runtime: DeepSpeed engine, data, optimizers, checkpoints, logging, evaluation."""

@@ -1,0 +1,68 @@
+"""Causal multi-head attention: MHA, GQA (1 < n_kv_heads < n_heads) and MQA (n_kv_heads = 1).
+
+Legend: B = batch, T = sequence, D = d_model, H = query heads, G = key/value heads,
+Dh = head dim, R = rotary dims (a prefix of each head, R = Dh * rotary fraction).
+
+Options cover GLM-4.5's attention: q/k/v bias, per-head RMSNorm on q and k before RoPE, and partial
+rotary (RoPE on the first R dims of each head, the rest position-free).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.blocks.norm import RMSNorm
+from zoo.blocks.rope import RotaryEmbedding, apply_rope
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        rope: RotaryEmbedding,
+        qk_norm: bool = False,
+        qkv_bias: bool = False,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+        if rope.dim > head_dim:
+            raise ValueError(f"rotary dim ({rope.dim}) exceeds head_dim ({head_dim})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope = rope
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.softmax_scale = head_dim**-0.5 * rope.softmax_scale_factor
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if positions is None:
+            positions = torch.arange(T, device=x.device)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rope(positions)  # (T, R/2)
+        q, k = _rotate_prefix(q, cos, sin), _rotate_prefix(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, Dh)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _rotate_prefix(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first R dims of each head; the remaining dims pass through (partial rotary)."""
+    rotary = cos.shape[-1] * 2
+    if rotary == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat((apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)

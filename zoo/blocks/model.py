@@ -1,0 +1,96 @@
+"""Decoder-only language model: token embedding, transformer blocks, final RMSNorm, LM head.
+
+Legend: B = batch, T = sequence, D = d_model, V = vocab.
+
+`labels` follow the transformers convention: the same shape as `input_ids`, shifted inside, so
+position t predicts token t+1; -100 is ignored. The returned loss is cross-entropy plus every MoE
+layer's auxiliary loss.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.blocks.moe import MoE, RouterStats
+from zoo.blocks.norm import RMSNorm
+from zoo.blocks.routers import SigmoidGroupTopKRouter
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None  # ce_loss + aux_loss, when labels are given
+    ce_loss: torch.Tensor | None
+    aux_loss: torch.Tensor  # sum over MoE layers (0 for a dense model)
+    router_stats: dict[int, RouterStats] = field(default_factory=dict)  # layer index -> stats
+
+
+class DecoderLM(nn.Module):
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        d_model: int,
+        layers: list[nn.Module],
+        norm_eps: float = 1e-6,
+        tie_embeddings: bool = True,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.vocab_size, self.d_model, self.init_std = vocab_size, d_model, init_std
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(d_model, eps=norm_eps)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for every matrix (embeddings, projections, stacked experts, routers),
+        zeros for biases, ones for norm gains."""
+        for name, param in self.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, self.init_std)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)
+
+    def moe_layers(self) -> dict[int, MoE]:
+        return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
+
+    @torch.no_grad()
+    def update_routing_biases(self, loads: dict[int, torch.Tensor]) -> None:
+        """Auxiliary-loss-free balancing, once per optimizer step: `loads` maps a layer index to its
+        expert loads summed over the accumulation window (and data-parallel ranks)."""
+        for index, moe in self.moe_layers().items():
+            if isinstance(moe.router, SigmoidGroupTopKRouter) and index in loads:
+                moe.router.update_bias(loads[index])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        x = self.embed(input_ids)  # (B, T, D)
+        stats: dict[int, RouterStats] = {}
+        for index, layer in enumerate(self.layers):
+            x = layer(x, positions)
+            if isinstance(layer.ffn, MoE):
+                stats[index] = layer.ffn.pop_stats()
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        aux_loss = sum((s.aux_loss for s in stats.values()), logits.new_zeros((), dtype=torch.float32))
+        ce_loss = loss = None
+        if labels is not None:
+            ce_loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+            loss = ce_loss + aux_loss
+        return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce_loss, aux_loss=aux_loss, router_stats=stats)
