@@ -32,3 +32,13 @@ def test_the_check_catches_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from pydantic import BaseModel\nimport fiddle as fdl\n")
     assert {"pydantic", "fiddle"} <= _imports(bad)
+
+
+def test_zoo_does_not_import_training():
+    """experiments -> training -> zoo: only the `zoo` command (the application on top) may reach training."""
+    root = Path(zoo.blocks.__file__).parents[1]
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "cli.py" and path.parent == root:
+            continue
+        for name in _imports(path):
+            assert not (name == "training" or name.startswith("training.")), f"{path} imports {name}"

@@ -79,3 +79,12 @@ def test_rotation_preserves_norm_and_relative_position():
     torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(20))
     # q at position m, k at position n: the score depends on m - n only.
     torch.testing.assert_close(rq[5] @ rk[2], rq[13] @ rk[10], atol=1e-5, rtol=1e-5)
+
+
+def test_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
+    rope = RotaryEmbedding(dim=DIM)
+    reference = rope.inv_freq.clone()
+    rope = rope.to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.float32 and torch.equal(rope.inv_freq, reference)
+    # bf16 frequencies would misplace position 4096 by more than half a radian.
+    assert (4096 * reference - 4096 * reference.bfloat16().float()).abs().max() > 0.5

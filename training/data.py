@@ -32,6 +32,8 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
+from zoo.tokenizer import TOKENIZER_FILENAME, Tokenizer, TokenizerError, sentencepiece_threads, write_atomic  # noqa: F401
+
 
 class DataError(ValueError):
     """Bad data settings or a corpus that cannot make a run; the message names the field and the fix."""
@@ -201,7 +203,6 @@ def _check_val_fraction(val_fraction: float) -> None:
 
 # ------------------------------------------------------------------------------------------- tokenizer
 
-TOKENIZER_FILENAME = "tokenizer.model"
 UNK_ID, EOS_ID = 0, 1
 N_BYTE_PIECES = 256  # byte_fallback adds one piece per byte value
 # Every option here that changes the model is part of the cache key. Chosen so decode(encode(s)) == s:
@@ -214,59 +215,6 @@ SPM_OPTIONS = dict(
 )
 _SPM_CHUNK_CHARS = (1 << 16) // 4  # sentences longer than max_sentence_length bytes are dropped by the trainer
 _CACHE_FORMAT = 1  # bump when the sampling or training code changes what a cached file means
-
-
-class Tokenizer:
-    """A SentencePiece BPE model: `vocab_size` pieces, an EOS id, lossless encode/decode (except that
-    U+2581, SentencePiece's own space symbol, decodes to a space). Saved as one .model file."""
-
-    def __init__(self, model_proto: bytes):
-        self.model_proto = model_proto
-        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
-
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
-
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # SentencePiece encodes a list on C++ threads: parallel without pickling text to processes.
-        return self._sp.encode(texts, num_threads=_n_threads())
-
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        return self._sp.decode(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
-
-    def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / TOKENIZER_FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, self.model_proto)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """From a .model file or a run folder holding `tokenizer.model`."""
-        path = Path(path)
-        path = path / TOKENIZER_FILENAME if path.is_dir() else path
-        if not path.is_file():
-            raise DataError(f"tokenizer path {str(path)!r} does not exist; save one with Tokenizer.save(run_dir)")
-        return cls(path.read_bytes())
-
-
-def _n_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Write then rename, so a concurrent reader (another rank) never sees half a file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def tokenizer_sample(train_docs: list[str], *, max_chars: int, seed: int = 0) -> list[str]:
@@ -300,13 +248,13 @@ def load_or_train_tokenizer(sample: list[str], *, vocab_size: int,
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=chunks, model_writer=model, vocab_size=vocab_size,
-                                       num_threads=_n_threads(), minloglevel=2, **SPM_OPTIONS)
+                                       num_threads=sentencepiece_threads(), minloglevel=2, **SPM_OPTIONS)
     except RuntimeError as error:
         raise _vocab_error(vocab_size, str(error)) from error
     tokenizer = Tokenizer(model.getvalue())
     assert tokenizer.vocab_size == vocab_size and tokenizer.eos_id == EOS_ID
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, tokenizer.model_proto)
+    write_atomic(path, tokenizer.model_proto)
     return tokenizer, False
 
 

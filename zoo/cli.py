@@ -1,4 +1,5 @@
-"""The `zoo` command: list, show, diff, describe and graph presets.
+"""The `zoo` command: list, show, diff, describe and graph presets; import/export Hugging Face checkpoints;
+evaluate (`eval`) and sample from (`generate`) run folders.
 
 Every user error (unknown preset, bad --set, missing program) prints one line `zoo: error: ...`
 and exits 2, with no traceback.
@@ -119,6 +120,59 @@ def cmd_graph(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_import_hf(args: argparse.Namespace) -> None:
+    from zoo.interop.hf import import_hf
+
+    print("\n".join(import_hf(args.source, args.out)))
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    from zoo.interop.hf import export_hf
+
+    print("\n".join(export_hf(args.run_dir, args.out)))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from training.evaluation.harness import EvalError, eval_run
+    from zoo.generate import RunError
+
+    tasks = [name.strip() for name in (args.tasks or "").split(",") if name.strip()]
+    data_files = {}
+    for item in args.data_file:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--data-file {item!r}: write it as TASK=PATH, "
+                             "e.g. hellaswag=../shared/data/hellaswag_val.jsonl")
+        data_files[name] = path
+    try:
+        eval_run(args.run_dir, tasks=tasks, data_files=data_files, limit=args.limit, ppl=args.ppl,
+                 batch_size=args.batch_size, output=args.output, step=args.step)
+    except (EvalError, RunError) as err:
+        raise UsageError(str(err)) from None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
+    from zoo.generate import GenerationError, RunError, Sampling, check_fits, generate, load_run
+
+    try:
+        sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        model, spec, tokenizer = load_run(args.run_dir)
+        # The prompt starts a document, as every training document starts after an EOS.
+        prompt = [tokenizer.eos_id, *tokenizer.encode(args.prompt)]
+        check_fits(len(prompt), args.max_new_tokens, spec.model.max_seq_len)
+    except (GenerationError, RunError) as err:
+        raise UsageError(str(err)) from None
+    start = time.perf_counter()
+    tokens = generate(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                      eos_id=tokenizer.eos_id, max_seq_len=spec.model.max_seq_len, use_cache=not args.no_cache)
+    seconds = time.perf_counter() - start
+    print(args.prompt + tokenizer.decode(tokens))
+    print(f"{len(tokens)} new tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, "
+          f"KV cache {'off' if args.no_cache else 'on'})", file=sys.stderr)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="Blueberry Zoo: compose, inspect and compare MoE presets.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,6 +201,40 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True, help="FILE.png, .svg, .pdf or .dot")
     g.add_argument("--max-depth", type=int, default=None, help="collapse the graph below this depth")
     g.set_defaults(fn=cmd_graph)
+
+    imp = sub.add_parser("import-hf", help="a Hugging Face deepseek_v3 / glm4_moe directory -> a run folder")
+    imp.add_argument("source", metavar="DIR", help="a transformers directory (config.json + safetensors)")
+    imp.add_argument("--out", required=True, metavar="RUN_DIR", help="the run folder to write")
+    imp.set_defaults(fn=cmd_import_hf)
+
+    exp = sub.add_parser("export-hf", help="a run folder -> a directory transformers loads")
+    exp.add_argument("run_dir", metavar="RUN_DIR")
+    exp.add_argument("--out", required=True, metavar="DIR", help="the transformers directory to write")
+    exp.set_defaults(fn=cmd_export_hf)
+
+    ev = sub.add_parser("eval", help="lm-eval tasks (HellaSwag, LAMBADA, ...) and held-out perplexity of a run")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run folder: spec.json, model.safetensors, tokenizer.model")
+    ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, e.g. hellaswag,lambada_openai")
+    ev.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
+                    help="read TASK from a local JSON-lines file instead of the hub (hellaswag, lambada_openai)")
+    ev.add_argument("--limit", type=int, default=None, help="the first N items of each task (documents for --ppl)")
+    ev.add_argument("--ppl", metavar="PATH", default=None, help="perplexity of a held-out text/JSONL file")
+    ev.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 16)")
+    ev.add_argument("--output", default=None, help="the JSON file to write (default RUN_DIR/eval/eval-<time>.json)")
+    ev.add_argument("--step", type=int, default=None,
+                    help="the TensorBoard step to log the scores at (default: the run's latest checkpoint step)")
+    ev.set_defaults(fn=cmd_eval)
+
+    gen = sub.add_parser("generate", help="sample text from a run folder (KV cache; greedy by default)")
+    gen.add_argument("run_dir", metavar="RUN_DIR")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None, help="sample within the top-p probability mass")
+    gen.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (reference)")
+    gen.set_defaults(fn=cmd_generate)
     return p
 
 

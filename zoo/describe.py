@@ -79,9 +79,10 @@ def _ffn_row(name: str, ffn: nn.Module) -> BlockRow:
     return BlockRow(name, "moe", params, active, flops)
 
 
-def describe(spec: ModelSpec | RunSpec) -> dict:
+def describe(spec: ModelSpec | RunSpec, seq_len: int | None = None) -> dict:
+    """Counts for `spec`; attention FLOPs at `seq_len` (default: the model's max_seq_len)."""
     model_spec = spec.model if isinstance(spec, RunSpec) else spec
-    seq_len = model_spec.max_seq_len
+    seq_len = seq_len or model_spec.max_seq_len
     with torch.device("meta"):
         model = build(model_spec)
     rows = [BlockRow("embed", "embedding", _numel(model.embed), _numel(model.embed), 0)]

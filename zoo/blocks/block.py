@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from zoo.blocks.kv_cache import LayerCache
 from zoo.blocks.norm import RMSNorm
 
 
@@ -14,6 +15,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), positions)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        h = self.attention_norm(x)
+        # The cache is passed only when given, so attention modules without cache support still fit.
+        x = x + (self.attention(h, positions) if cache is None else self.attention(h, positions, cache=cache))
         return x + self.ffn(self.ffn_norm(x))

@@ -5,12 +5,15 @@ Dh = head dim, R = rotary dims (a prefix of each head, R = Dh * rotary fraction)
 
 Options cover GLM-4.5's attention: q/k/v bias, per-head RMSNorm on q and k before RoPE, and partial
 rotary (RoPE on the first R dims of each head, the rest position-free).
+
+With a `LayerCache`, keys (rotated) and values of G heads are cached: 2 * G * Dh numbers per token.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.blocks.kv_cache import LayerCache, causal_sdpa_mask
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import RotaryEmbedding, apply_rope
 
@@ -43,10 +46,13 @@ class MultiHeadAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.softmax_scale = head_dim**-0.5 * rope.softmax_scale_factor
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
+        past = 0 if cache is None else cache.length
         if positions is None:
-            positions = torch.arange(T, device=x.device)
+            positions = torch.arange(past, past + T, device=x.device)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
@@ -54,8 +60,11 @@ class MultiHeadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rope(positions)  # (T, R/2)
         q, k = _rotate_prefix(q, cos, sin), _rotate_prefix(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, G, S, Dh): the past and these T positions
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads
+            q, k, v, scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads,
+            **causal_sdpa_mask(T, past, x.device),
         )  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 

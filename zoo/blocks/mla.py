@@ -7,12 +7,17 @@ Keys and values are up-projected from a per-token latent c (C dims) plus one rot
 shared by all heads; only those C + R numbers per token need caching. Queries come from their own
 low-rank path (Cq) or a plain projection. Scores use N + R dims per head, values V dims, so q.k and
 v have different head sizes, which SDPA handles.
+
+With a `LayerCache`, only the normalised latent and the rotated shared key are cached (C + R numbers
+per token); every step up-projects the cached latent to per-head keys and values again. (Absorbing
+kv_b_proj into the query and output projections would skip that up-projection; not done here.)
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.blocks.kv_cache import LayerCache, causal_sdpa_mask
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import Layout, RotaryEmbedding, apply_rope
 
@@ -53,11 +58,14 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * v_head_dim, d_model, bias=bias)
         self.softmax_scale = self.qk_dim**-0.5 * rope.softmax_scale_factor
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H = self.n_heads
+        past = 0 if cache is None else cache.length
         if positions is None:
-            positions = torch.arange(T, device=x.device)
+            positions = torch.arange(past, past + T, device=x.device)
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:
@@ -70,10 +78,16 @@ class MultiHeadLatentAttention(nn.Module):
         cos, sin = self.rope(positions)  # (T, R/2)
         q_rope = apply_rope(q_rope, cos, sin, self.rope_layout)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, self.rope_layout)  # (B, 1, T, R): one key for all heads
+        if cache is not None:
+            latent, k_rope = cache.append(latent, k_rope.squeeze(1))  # (B, S, C), (B, S, R): past + T positions
+            k_rope = k_rope.unsqueeze(1)  # (B, 1, S, R)
+        S = latent.shape[1]
 
-        kv = self.kv_b_proj(latent).view(B, T, H, self.nope_dim + self.v_dim).transpose(1, 2)  # (B, H, T, N+V)
+        kv = self.kv_b_proj(latent).view(B, S, H, self.nope_dim + self.v_dim).transpose(1, 2)  # (B, H, S, N+V)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_rope.expand(B, H, T, self.rope_dim)), dim=-1)  # (B, H, T, N+R)
+        k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope_dim)), dim=-1)  # (B, H, S, N+R)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, H, T, N+R)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)  # (B, H, T, V)
+        y = F.scaled_dot_product_attention(
+            q, k, v, scale=self.softmax_scale, **causal_sdpa_mask(T, past, x.device)
+        )  # (B, H, T, V)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))

@@ -5,6 +5,9 @@ Legend: B = batch, T = sequence, D = d_model, V = vocab.
 `labels` follow the transformers convention: the same shape as `input_ids`, shifted inside, so
 position t predicts token t+1; -100 is ignored. The returned loss is cross-entropy plus every MoE
 layer's auxiliary loss.
+
+Incremental decoding: pass a `KVCache` (one `LayerCache` per layer); positions then continue from
+the cache's length, and each attention layer appends what it needs to see the past.
 """
 
 from dataclasses import dataclass, field
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.blocks.kv_cache import KVCache
 from zoo.blocks.moe import MoE, RouterStats
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.routers import SigmoidGroupTopKRouter
@@ -62,6 +66,10 @@ class DecoderLM(nn.Module):
             else:
                 param.fill_(1.0)
 
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty KV cache for this model (`capacity`: positions to allocate up front)."""
+        return KVCache(len(self.layers), capacity)
+
     def moe_layers(self) -> dict[int, MoE]:
         return {i: layer.ffn for i, layer in enumerate(self.layers) if isinstance(layer.ffn, MoE)}
 
@@ -78,11 +86,14 @@ class DecoderLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> CausalLMOutput:
         x = self.embed(input_ids)  # (B, T, D)
+        if cache is not None and positions is None:
+            positions = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
         stats: dict[int, RouterStats] = {}
         for index, layer in enumerate(self.layers):
-            x = layer(x, positions)
+            x = layer(x, positions) if cache is None else layer(x, positions, cache=cache.layers[index])
             if isinstance(layer.ffn, MoE):
                 stats[index] = layer.ffn.pop_stats()
         logits = self.lm_head(self.norm(x))  # (B, T, V)

@@ -9,7 +9,7 @@ from typing import Any
 from zoo.overrides import validate
 from zoo.specs import RunSpec
 
-TINY_VOCAB = 256
+TINY_VOCAB = 512  # the smallest comfortable byte-fallback SentencePiece vocabulary
 TINY_D_MODEL = 64
 TINY_HEADS = 4
 TINY_SEQ = 64

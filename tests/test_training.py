@@ -1,0 +1,261 @@
+"""The training runtime end to end, as a user runs it: `python training/run.py` (one rank) and
+`deepspeed --num_gpus 2 training/run.py` (two CPU ranks, marked slow), on tiny presets."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.engine import lr_factor, optimizer_groups
+from zoo import presets
+from zoo.checkpoint import load_run_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "training" / "run.py")]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo_cache")
+
+
+def train(cache_dir, out, *args, timeout=300, launcher=None):
+    env = {**os.environ, "ZOO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    command = (launcher or RUN) + ["--tiny", "--out", str(out), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {}
+    for events in sorted(run_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
+    return values
+
+
+def test_train_end_to_end(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = train(cache_dir, out, "--set", "train.steps=12", "--set", "train.eval_every=4", "--set", "train.ckpt_every=6",
+                 "--set", "train.log_every=1", "--set", "train.micro_batch_size=4")
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 12 steps") and "val loss" in last and "tensorboard --logdir" in last
+    for name in ("spec.json", "model.safetensors", "tokenizer.model", "ds_config.json", "checkpoints/latest"):
+        assert (out / name).exists(), name
+    ds_config = json.loads((out / "ds_config.json").read_text())
+    assert ds_config["train_micro_batch_size_per_gpu"] == 4 and ds_config["bf16"]["enabled"]
+    assert "auto" not in json.dumps(ds_config)
+    val = scalars(out, "val/loss")
+    assert sorted(val) == [4, 8, 12] and val[12] < val[4] < math.log(512)
+    for tag in ("train/loss", "train/aux_loss", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "lr/muon",
+                "lr/adam", "moe/layer_1/max_vio", "moe/layer_1/router_entropy", "moe/layer_1/routing_bias_norm",
+                "val/ppl", "val/acc"):
+        assert scalars(out, tag), f"{tag} not logged"
+    assert 0 < scalars(out, "perf/mfu")[12] < 1
+    # The run folder rebuilds the trained model, whose validation loss is the logged one.
+    model, spec = load_run_folder(out)
+    assert spec.train.steps == 12 and spec.model.d_model == 64
+    bias = model.layers[1].ffn.router.e_score_correction_bias
+    assert bias.abs().sum() > 0, "the auxiliary-loss-free bias never moved"
+
+
+def test_resume_continues_exactly(cache_dir, tmp_path):
+    common = ["--set", "train.precision=fp32", "--set", "train.log_every=1", "--set", "train.ckpt_every=3",
+              "--set", "train.eval_every=100", "--set", "train.grad_accum=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(cache_dir, straight, "--set", "train.steps=6", *common).returncode == 0
+    first = train(cache_dir, split, "--set", "train.steps=6", "--stop-after", "3", *common)
+    assert first.returncode == 0, first.stderr
+    assert "stopped by --stop-after at step 3" in first.stdout
+    second = train(cache_dir, split, "--resume", *common)
+    assert second.returncode == 0, second.stderr
+    a, b = scalars(straight, "train/loss"), scalars(split, "train/loss")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
+    assert scalars(straight, "lr/muon") == scalars(split, "lr/muon")
+
+
+def test_lr_schedule_counts_optimizer_steps(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = train(cache_dir, out, "--set", "train.steps=6", "--set", "train.warmup_steps=2", "--set", "train.grad_accum=3",
+                 "--set", "train.log_every=1", "--set", "train.eval_every=100", "--set", "train.muon_lr=0.01")
+    assert proc.returncode == 0, proc.stderr
+    spec = load_run_folder(out)[1]
+    logged = scalars(out, "lr/muon")
+    for step in range(1, 7):  # after `step` optimizer steps, the scheduler has stepped `step` times
+        assert logged[step] == pytest.approx(0.01 * lr_factor(step, spec), rel=1e-6)
+
+
+def test_lr_factor_shape():
+    from zoo.overrides import with_changes
+
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"train.steps": 100, "train.warmup_steps": 10, "train.min_lr_ratio": 0.1})
+    assert lr_factor(0, spec) == pytest.approx(0.1) and lr_factor(9, spec) == pytest.approx(1.0)
+    assert lr_factor(10, spec) == pytest.approx(1.0)
+    assert lr_factor(55, spec) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, spec) == pytest.approx(0.1)
+
+
+def test_optimizer_groups_put_routers_embeddings_and_norms_on_adam():
+    import zoo
+
+    spec = presets.get("deepseek_glm4", tiny=True)
+    model = zoo.build(spec)
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in optimizer_groups(model, spec)}
+    named = dict(model.named_parameters())
+    assert id(named["embed.weight"]) in groups["adam"]
+    assert id(named["layers.1.ffn.router.weight"]) in groups["adam"]
+    assert id(named["layers.1.ffn.experts.gate_up_proj"]) in groups["muon"]
+    assert id(named["layers.0.attention.kv_b_proj.weight"]) in groups["muon"]
+    assert id(named["layers.0.attention_norm.weight"]) in groups["adam_no_decay"]
+    assert named["layers.1.ffn.experts.down_proj"].is_expert_group
+    assert sum(len(g) for g in groups.values()) == len(named)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case", ["preset", "path", "empty", "seq_len", "fp16", "resume", "ds_config"])
+def test_bad_input_is_one_line(cache_dir, tmp_path, case):
+    out = tmp_path / "run"
+    args, words = {
+        "preset": (["--preset", "nope"], ["unknown preset 'nope'"]),
+        "path": (["--set", "data.source=/no/such/file.txt"], ["/no/such/file.txt"]),
+        "empty": (["--set", f"data.source={_write(tmp_path / 'empty.txt', '')}"], ["empty"]),
+        "seq_len": (["--set", "data.seq_len=4096"], ["data.seq_len (4096)", "max_seq_len"]),
+        "fp16": (["--set", "train.precision=fp16"], ["fp16", "CPU"]),
+        "resume": (["--resume"], ["--resume", "no checkpoint"]),
+        "ds_config": (["--ds-config", str(_write(tmp_path / "c.json", '{"gradient_clipping": 5.0}'))],
+                      ["gradient_clipping=5.0", "train.gradient_clipping=1.0"]),
+    }[case]
+    proc = train(cache_dir, out, *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len([l for l in lines if "error" in l]) == 1, proc.stderr
+    for word in words:
+        assert word.lower() in proc.stderr.lower(), proc.stderr
+
+
+def test_corrupted_checkpoint_is_one_line(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train(cache_dir, out, "--set", "train.steps=2", "--set", "train.eval_every=100").returncode == 0
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    (out / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
+    proc = train(cache_dir, out, "--resume", "--set", "train.steps=4")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unreadable" in proc.stderr and tag in proc.stderr
+
+
+def test_nan_loss_stops_naming_the_step(cache_dir, tmp_path):
+    # Weights drawn at std 1e38 overflow fp32, so the very first forward pass is NaN.
+    proc = train(cache_dir, tmp_path / "run", "--set", "model.init_std=1e38", "--set", "train.precision=fp32",
+                 "--set", "train.steps=3")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "loss is nan at step 1" in proc.stderr
+
+
+def test_diverged_gradients_stop_naming_the_step(cache_dir, tmp_path):
+    # A 1e38 learning rate overflows the weights after one step; DeepSpeed would skip steps silently.
+    proc = train(cache_dir, tmp_path / "run", "--set", "train.adam_lr=1e38", "--set", "train.muon_lr=1e38",
+                 "--set", "train.warmup_steps=0", "--set", "train.precision=fp32", "--set", "train.steps=3")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "gradient norm is" in proc.stderr and "at step 2" in proc.stderr
+
+
+def test_sigterm_saves_and_exits_zero(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "ZOO_CACHE": str(cache_dir)}
+    proc = subprocess.Popen(RUN + ["--tiny", "--out", str(out), "--set", "train.steps=100000", "--set", "train.log_every=1",
+                                   "--set", "train.eval_every=100000", "--set", "train.ckpt_every=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal" in stdout
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert int(tag.removeprefix("step_")) >= 3 and (out / "model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deepspeed_launcher() -> list[str]:
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), str(ROOT / "training" / "run.py")]
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_matches_one_rank_on_the_same_global_batch(cache_dir, tmp_path):
+    common = ["--set", "train.precision=fp32", "--set", "deepspeed.zero_stage=2", "--set", "train.steps=4",
+              "--set", "train.log_every=1", "--set", "train.eval_every=100"]
+    one = train(cache_dir, tmp_path / "one", *common, "--set", "train.micro_batch_size=4")
+    assert one.returncode == 0, one.stderr
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        two = train(cache_dir, tmp_path / "two", *common, "--set", "train.micro_batch_size=2",
+                    launcher=_deepspeed_launcher(), timeout=600)
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = scalars(tmp_path / "one", "train/loss"), scalars(tmp_path / "two", "train/loss")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    # Same global batch, gradients averaged over ranks: equal up to fp32 summation order.
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a[step], b[step])
+    assert max(scalars(tmp_path / "two", "moe/routing_bias_rank_spread").values()) == 0.0
+
+
+@pytest.mark.slow
+def test_expert_parallel_matches_data_parallel_through_the_trainer(cache_dir, tmp_path):
+    """ep_size=2 shards the experts over the two ranks; the loss curve must equal ep_size=1's."""
+    common = ["--set", "train.precision=fp32", "--set", "deepspeed.zero_stage=2", "--set", "train.steps=3",
+              "--set", "train.log_every=1", "--set", "train.eval_every=3", "--set", "train.micro_batch_size=2"]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        runs = {ep: train(cache_dir, tmp_path / f"ep{ep}", *common, "--set", f"deepspeed.ep_size={ep}",
+                          launcher=_deepspeed_launcher(), timeout=600) for ep in (1, 2)}
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+    for ep, proc in runs.items():
+        assert proc.returncode == 0, (ep, proc.stderr[-3000:])
+    a, b = scalars(tmp_path / "ep1", "train/loss"), scalars(tmp_path / "ep2", "train/loss")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:  # fp32; only the order of the expert-output sums differs
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    assert max(scalars(tmp_path / "ep2", "moe/routing_bias_rank_spread").values()) == 0.0
+    # The run folder holds all experts, gathered from both ranks, and reloads as one model.
+    model, _ = load_run_folder(tmp_path / "ep2")
+    assert model.layers[1].ffn.experts.gate_up_proj.shape[0] == 8
+
+
+def test_hellaswag_during_training(cache_dir, tmp_path):
+    data = ROOT.parent / "shared" / "data" / "hellaswag_val.jsonl"
+    out = tmp_path / "run"
+    proc = train(cache_dir, out, "--set", "train.steps=2", "--set", "train.eval_every=1", "--set", "eval.hellaswag_limit=8",
+                 "--set", f"eval.hellaswag_path={data}")
+    assert proc.returncode == 0, proc.stderr
+    assert "HellaSwag acc_norm" in proc.stdout
+    acc = scalars(out, "hellaswag/acc_norm")
+    assert sorted(acc) == [1, 2] and all(v in {i / 8 for i in range(9)} for v in acc.values())
+    missing = train(cache_dir, tmp_path / "other", "--set", "eval.hellaswag_limit=8")
+    assert missing.returncode == 2 and "eval.hellaswag_path" in missing.stderr

@@ -1,0 +1,137 @@
+"""Tasks on local files that score exactly as lm-eval's hub tasks, and HellaSwag for the training loop.
+
+Local tasks (`zoo eval --data-file TASK=PATH`) are not re-implementations: `local_task` loads
+lm-eval's own YAML for the task (its `process_docs`, prompt, target delimiter, choices, metrics) and
+changes only where the evaluation split comes from: `dataset_path: json` with `data_files` pointing
+at the local JSON-lines file. Every line of task logic is lm-eval's, so a local score equals the hub
+score whenever the file holds the hub split's records in the hub's order (../shared/data's
+hellaswag_val.jsonl and lambada_openai_test.jsonl are the original releases the hub sets come from).
+
+`hellaswag_accuracy` is the in-memory path for training: it reads the first `limit` records itself,
+builds the same requests as lm-eval's task (lm-eval's `preprocess`, query + " " + ending), scores
+them with `ZooLM.loglikelihood` (the code `zoo eval` runs) and computes acc / acc_norm as lm-eval's
+multiple-choice `process_results` does. tests/test_evaluation.py checks both against lm-eval.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from lm_eval.api.instance import Instance
+from torch import nn
+
+from training.evaluation.lm import EvalError, ZooLM
+
+# Task name -> its YAML under lm_eval/tasks/. Other tasks run from the hub (`zoo eval --tasks NAME`).
+LOCAL_TASKS = {
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "lambada_openai": "lambada/lambada_openai.yaml",
+}
+TARGET_DELIMITER = " "  # lm-eval's TaskConfig default, which hellaswag.yaml keeps
+
+
+def local_task(name: str, path: str | Path):
+    """lm-eval's task `name` with its evaluation split read from the JSON-lines file `path`."""
+    import lm_eval.tasks
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if name not in LOCAL_TASKS:
+        raise EvalError(f"--data-file {name}=...: no local version of task {name!r}; "
+                        f"local files work for {', '.join(LOCAL_TASKS)} (other tasks load from the hub)")
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"--data-file {name}={path}: no such file")
+    config = load_yaml(Path(lm_eval.tasks.__file__).parent / LOCAL_TASKS[name], resolve_func=True)
+    split = config.get("test_split") or config["validation_split"]
+    for key in ("tag", "group", "task_list"):  # what lm-eval's TaskFactory strips before building a task
+        config.pop(key, None)
+    config.update(
+        dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: str(path.resolve())}},
+        # Only the evaluated split exists locally (zero-shot: no few-shot split is needed).
+        training_split=None, fewshot_split=None,
+        validation_split=split if config.get("validation_split") == split else None,
+    )
+    config["metadata"] = {**config.get("metadata", {}), "data_file": str(path.resolve())}
+    try:
+        return ConfigurableTask(config=config)
+    except Exception as err:  # a malformed file surfaces deep inside datasets or the task's templates
+        raise EvalError(f"--data-file {name}={path}: cannot read it as lm-eval's {name} data "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+
+
+# ----------------------------------------------------------------------------- HellaSwag in memory
+
+
+def hellaswag_docs(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The first `limit` records of a HellaSwag JSON-lines file as lm-eval's task sees them:
+    {"query", "choices", "gold"} (lm_eval/tasks/hellaswag/utils.py's process_docs, its `preprocess`)."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"HellaSwag file {path} does not exist")
+    docs = []
+    with path.open() as lines:
+        for line in lines:
+            if limit is not None and len(docs) >= limit:
+                break
+            if not line.strip():
+                continue
+            doc = json.loads(line)
+            ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+            docs.append({
+                "query": preprocess(doc["activity_label"] + ": " + ctx),
+                "choices": [preprocess(ending) for ending in doc["endings"]],
+                "gold": int(doc["label"]),
+            })
+    return docs
+
+
+def hellaswag_requests(docs: list[dict]) -> list[Instance]:
+    """One loglikelihood request per (doc, ending): (query, " " + ending), as lm-eval builds them."""
+    return [
+        Instance(request_type="loglikelihood", doc=doc, arguments=(doc["query"], f"{TARGET_DELIMITER}{choice}"),
+                 idx=i, metadata=("hellaswag", doc_id, 1))
+        for doc_id, doc in enumerate(docs)
+        for i, choice in enumerate(doc["choices"])
+    ]
+
+
+def multiple_choice_scores(logprobs: list[float], choices: list[str], gold: int) -> tuple[float, float]:
+    """(acc, acc_norm) of one item, as lm-eval's multiple-choice process_results: acc_norm divides each
+    choice's log-probability by the choice's length in characters (the delimiter not counted); ties go
+    to the first choice (np.argmax)."""
+    logprobs = np.array(logprobs)
+    lengths = np.array([float(len(choice)) for choice in choices])
+    return float(np.argmax(logprobs) == gold), float(np.argmax(logprobs / lengths) == gold)
+
+
+def hellaswag_accuracy(
+    model: nn.Module,
+    tokenizer,
+    path: str | Path,
+    limit: int | None = None,
+    batch_size: int = 16,
+    *,
+    max_length: int | None = None,
+) -> dict:
+    """{"acc", "acc_norm", "n"} of an in-memory model on the first `limit` HellaSwag items of `path`.
+
+    `tokenizer` needs encode/decode/eos_id (training.data.Tokenizer); pass `max_length` =
+    spec.model.max_seq_len so long items are truncated as `zoo eval` truncates them. The model's
+    train/eval mode is restored afterwards."""
+    docs = hellaswag_docs(path, limit)
+    if not docs:
+        raise EvalError(f"HellaSwag file {path} holds no records")
+    lm = ZooLM(model=model, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size)
+    logprobs = [logprob for logprob, _ in lm.loglikelihood(hellaswag_requests(docs), disable_tqdm=True)]
+    scores, start = [], 0
+    for doc in docs:
+        n = len(doc["choices"])
+        scores.append(multiple_choice_scores(logprobs[start:start + n], doc["choices"], doc["gold"]))
+        start += n
+    acc, acc_norm = np.mean(scores, axis=0)
+    return {"acc": float(acc), "acc_norm": float(acc_norm), "n": len(docs)}

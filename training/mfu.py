@@ -1,0 +1,73 @@
+"""Model FLOPs utilisation: achieved model FLOP/s over the device's peak.
+
+Model FLOPs per token come from `zoo describe` (forward) x 3 (forward + backward). The peak is the
+device's dense matmul rate for the training dtype: on CUDA a table of datasheet numbers, on CPU a
+measurement (a large square matmul, best of a few), cached on disk per CPU, thread count, dtype
+and torch version because it takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+TRAIN_FLOPS_PER_FORWARD_FLOP = 3  # backward costs two forwards (grads w.r.t. inputs and weights)
+PEAK_MATMUL_SIZE = 2048
+PEAK_REPEATS = 5
+# Dense bf16 tensor-core peaks (datasheets, without sparsity), FLOP/s.
+CUDA_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_matmul_peak(dtype: torch.dtype, size: int = PEAK_MATMUL_SIZE, repeats: int = PEAK_REPEATS) -> float:
+    """Best observed FLOP/s of a (size x size) @ (size x size) matmul on the CPU."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)  # warm up (allocations, kernel selection)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in CUDA_PEAKS.items():
+            if key in name:
+                return peak if dtype != torch.float32 else peak / 2  # TF32 runs at half the bf16 rate
+        return measure_matmul_peak(dtype)
+    cache_dir = cache_dir or Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo"))
+    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    cache_file = cache_dir / "matmul_peak.json"
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key not in cached:
+        cached[key] = measure_matmul_peak(dtype)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(cache_file)
+    return cached[key]
+
+
+def mfu(tokens_per_second: float, forward_flops_per_token: float, peak: float) -> float:
+    return tokens_per_second * forward_flops_per_token * TRAIN_FLOPS_PER_FORWARD_FLOP / peak

@@ -1,0 +1,74 @@
+"""Run folders: a model's resolved spec and its weights, the unit training fine-tunes from and
+evaluation reads.
+
+    RUN_DIR/spec.json          the RunSpec (`RunSpec.model_validate_json`); rebuilds the module graph
+    RUN_DIR/model.safetensors  the model's state_dict (parameters and persistent buffers such as the
+                               routers' correction biases); tied weights are stored once
+
+A run folder holds nothing else this module needs: `load_run_folder` rebuilds the model from the spec
+alone and loads the weights strictly, so a spec/weights mismatch is an error, not a silent partial load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_file
+from torch import nn
+
+from zoo.builders import build
+from zoo.overrides import SpecError
+from zoo.specs import RunSpec
+
+SPEC_FILE = "spec.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_run_folder(
+    model: nn.Module, spec: RunSpec, run_dir: str | Path, *, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write `spec.json` and `model.safetensors` into `run_dir` (created if missing).
+
+    `state_dict` replaces the model's own (e.g. experts gathered from expert-parallel ranks); its keys
+    and shapes must be those of the unsharded model."""
+    if not isinstance(spec, RunSpec):
+        raise TypeError(f"save_run_folder needs a RunSpec, got {type(spec).__name__}: wrap a ModelSpec as RunSpec(model=...)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+    state = model.state_dict() if state_dict is None else state_dict
+    tied = getattr(model.lm_head, "weight", None) is model.embed.weight
+    # Own, contiguous copies: an engine's parameters may be views into one flat buffer.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()
+               if not (tied and k == "lm_head.weight")}
+    save_file(tensors, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    return run_dir
+
+
+def load_run_folder(run_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, RunSpec]:
+    """The model (in eval mode, `dtype`) and RunSpec stored in `run_dir` by `save_run_folder`."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SpecError(f"run folder {run_dir} does not exist (or is not a directory)")
+    spec_path, weights_path = run_dir / SPEC_FILE, run_dir / WEIGHTS_FILE
+    for path in (spec_path, weights_path):
+        if not path.is_file():
+            raise SpecError(f"run folder {run_dir} has no {path.name}: not a run folder (expected {SPEC_FILE} + {WEIGHTS_FILE})")
+    try:
+        spec = RunSpec.model_validate_json(spec_path.read_text())
+    except ValueError as err:
+        raise SpecError(f"{spec_path}: not a valid RunSpec: {str(err).splitlines()[0]}") from None
+    model = build(spec).to(dtype)
+    try:
+        missing, unexpected = load_model(model, str(weights_path), strict=False)
+    except (RuntimeError, SafetensorError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        reason = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else type(err).__name__)
+        raise SpecError(f"{weights_path} does not match {SPEC_FILE}: {reason}") from None
+    if missing or unexpected:
+        raise SpecError(
+            f"{weights_path} does not match {SPEC_FILE}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    return model.eval(), spec

@@ -1,0 +1,72 @@
+"""The SentencePiece tokenizer a run trains with, as the model's companion artifact.
+
+training/data.py trains it (BPE, byte fallback, lossless round trip) and saves it into the run folder
+as `tokenizer.model`; generation and evaluation load it from there. Plain sentencepiece, no training code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+TOKENIZER_FILENAME = "tokenizer.model"
+
+
+class TokenizerError(ValueError):
+    """A missing or unreadable tokenizer file (one line, names the path)."""
+
+
+class Tokenizer:
+    """A SentencePiece BPE model: `vocab_size` pieces, an EOS id, lossless encode/decode (except that
+    U+2581, SentencePiece's own space symbol, decodes to a space). Saved as one .model file."""
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = model_proto
+        self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # SentencePiece encodes a list on C++ threads: parallel without pickling text to processes.
+        return self._sp.encode(texts, num_threads=sentencepiece_threads())
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        return self._sp.decode(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / TOKENIZER_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, self.model_proto)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """From a .model file or a run folder holding `tokenizer.model`."""
+        path = Path(path)
+        path = path / TOKENIZER_FILENAME if path.is_dir() else path
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer path {str(path)!r} does not exist; save one with Tokenizer.save(run_dir)")
+        return cls(path.read_bytes())
+
+
+def sentencepiece_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    # Write then rename, so a concurrent reader (another rank) never sees half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
