@@ -41,13 +41,7 @@ N_ITEMS = 20  # HellaSwag items in the lm-eval comparisons
 LOGPROB_TOL = 1e-4  # sums of ~20-100 fp32 log-probs of magnitude ~6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy models gain nothing from intra-op threads, and on a busy machine threaded small ops stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,7 @@ VOCAB = 512  # a byte-fallback BPE needs > 258 pieces; the tiny presets' 256 is 
 FP32_TOL = 1e-5  # cached vs full forward: the same math on different tensor shapes, fp32 rounding only
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy models gain nothing from intra-op threads, and on a busy machine threaded small ops stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 YARN = RopeSpec(scaling=YarnScaling(factor=4.0, original_max_seq_len=16, mscale=1.0, mscale_all_dim=1.0))
 NTK_ORIGINAL = 16

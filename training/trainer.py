@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -382,6 +383,8 @@ def _json(value) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed's ZeRO still calls the c10d collectives torch renamed; the warning is theirs to act on.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
     args = parse_args(argv)
     try:
         code = train(args)

@@ -1,0 +1,62 @@
+"""python -m experiments {exp1,exp2,exp3,exp4,all} [--smoke] [--show] [--report] [--runs DIR] [--results DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from experiments import EXPERIMENTS
+from experiments.report import summary_lines, write_report
+from experiments.results import collect
+from experiments.runner import ROOT, RunFailed, run_experiment
+
+RUNS = ROOT / "runs" / "experiments"  # runs/ is git-ignored
+RESULTS = ROOT / "experiments" / "results"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    p.add_argument("--show", action="store_true", help="print each variant's diff from the base, the scale and budget")
+    p.add_argument("--smoke", action="store_true",
+                   help="every variant, one seed, a few steps at toy size; writes under --out (default a temp dir)")
+    p.add_argument("--report", action="store_true", help="only rebuild tables and plots from finished runs")
+    p.add_argument("--out", type=Path, default=None, help="smoke: where runs/ and results/ go")
+    p.add_argument("--runs", type=Path, default=None, help=f"run folders (default {RUNS.relative_to(ROOT)})")
+    p.add_argument("--results", type=Path, default=None,
+                   help=f"results folders (default {RESULTS.relative_to(ROOT)})")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    if args.show:
+        print("\n\n".join(EXPERIMENTS[n].show(smoke=args.smoke) for n in names))
+        return 0
+    runs_root, results_root = args.runs or RUNS, args.results or RESULTS
+    if args.smoke:  # never over the committed results
+        out = args.out or Path(tempfile.mkdtemp(prefix="experiments-smoke-"))
+        runs_root, results_root = args.runs or out / "runs", args.results or out / "results"
+    for name in names:
+        experiment = EXPERIMENTS[name]
+        start = time.perf_counter()
+        try:
+            runs = run_experiment(experiment, runs_root.resolve(), smoke=args.smoke, train=not args.report)
+        except RunFailed as err:
+            print(f"experiments: {err}", file=sys.stderr)
+            return 1
+        results = collect(experiment, runs)
+        folder = results_root / name
+        files = write_report(experiment, runs, results, folder, smoke=args.smoke)
+        print(f"{name}: {len(runs)} runs, {time.perf_counter() - start:.0f} s; wrote {len(files)} files and "
+              f"tensorboard/ in {folder}")
+        print("\n".join(summary_lines(experiment, results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Train every variant x seed of an experiment through the normal trainer, sequentially and resumably.
+
+Each run is `python training/run.py --preset P --set ... --out RUNS/expN/VARIANT/seedS`, a subprocess
+like any user's run. A run whose folder holds its spec and the final checkpoint is skipped; one that
+was interrupted is resumed (`--resume`), so the command can be stopped and started again at will. A
+folder holding a different spec is an error, never silently reused or overwritten.
+
+HellaSwag, when the budget asks for it, is scored on the final model only: the run stops after its
+second-to-last step (`--stop-after`) and is resumed with HellaSwag switched on, so the last step's
+evaluation scores it. Resuming continues exactly, so the run is the same as one uninterrupted run;
+the trainer would otherwise score HellaSwag at every validation step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments.base import Experiment
+from training import checkpoints
+from zoo.overrides import diff
+from zoo.specs import RunSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_RECORD = "experiment_run.json"  # what the runner adds to a run folder: commands and wall time
+LOG = "train.log"
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str
+    variant: str
+    seed: int
+    spec: RunSpec
+    out: Path  # where this run trains
+    source: Path  # where its results are read from: `out`, or an identical finished run elsewhere
+
+
+def plan(experiment: Experiment, runs_root: Path, *, smoke: bool = False) -> list[tuple[str, int, Path]]:
+    return [(name, seed, runs_root / experiment.name / name / f"seed{seed}")
+            for name in experiment.variants for seed in experiment.seeds_for(smoke)]
+
+
+def run_experiment(experiment: Experiment, runs_root: Path, *, smoke: bool = False, train: bool = True,
+                   log=print) -> list[Run]:
+    """Every variant x seed, trained (or found finished); returns where each one's results are."""
+    runs, todo = [], plan(experiment, runs_root, smoke=smoke)
+    for index, (name, seed, out) in enumerate(todo, 1):
+        spec = experiment.spec(name, seed, smoke=smoke)
+        tag = f"[{experiment.name} {index}/{len(todo)}] {name} seed {seed}"
+        if is_finished(out, spec):
+            log(f"{tag}: finished earlier ({out})")
+            runs.append(Run(experiment.name, name, seed, spec, out, out))
+            continue
+        donor = find_identical(runs_root, spec) if spec.eval.hellaswag_limit == 0 else None
+        if donor is not None:
+            log(f"{tag}: the same spec already ran in {donor}; reusing it")
+            runs.append(Run(experiment.name, name, seed, spec, out, donor))
+            continue
+        if not train:
+            raise RunFailed(f"{tag}: no finished run in {out}; run without --report to train it")
+        start = time.perf_counter()
+        train_one(experiment, name, seed, out, smoke=smoke)
+        log(f"{tag}: trained in {time.perf_counter() - start:.0f} s -> {out}")
+        runs.append(Run(experiment.name, name, seed, spec, out, out))
+    return runs
+
+
+def is_finished(out: Path, spec: RunSpec) -> bool:
+    saved = _saved_spec(out)
+    if saved is None or checkpoints.latest_tag(out) != checkpoints.tag_for(spec.train.steps):
+        return False
+    _check_same(out, saved, spec, allow_eval=False)
+    return True
+
+
+def find_identical(runs_root: Path, spec: RunSpec) -> Path | None:
+    """A finished run anywhere under `runs_root` that trained exactly this spec (HellaSwag aside)."""
+    for saved in sorted(runs_root.glob("*/*/*/spec.json")):
+        other = _saved_spec(saved.parent)
+        if other is not None and _without_hellaswag(other) == spec and is_finished(saved.parent, other):
+            return saved.parent
+    return None
+
+
+def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke: bool) -> None:
+    spec = experiment.spec(name, seed, smoke=smoke)
+    steps, hellaswag = spec.train.steps, spec.eval.hellaswag_limit > 0
+    stop = ["--stop-after", str(steps - 1)] if hellaswag and steps > 1 else []
+    saved = _saved_spec(out)
+    if saved is None or checkpoints.latest_tag(out) is None:
+        preset, sets = experiment.command_args(name, seed, smoke=smoke, hellaswag=not stop)
+        _trainer(out, ["--preset", preset, *_sets(sets), "--out", str(out), *stop])
+    else:
+        _check_same(out, saved, spec, allow_eval=True)
+    if checkpoints.latest_tag(out) != checkpoints.tag_for(steps):
+        last = int(checkpoints.latest_tag(out).removeprefix("step_"))
+        # Resuming may only change eval fields; before the last step, HellaSwag stays off.
+        final = last >= steps - 1
+        evals = [f"eval.hellaswag_limit={spec.eval.hellaswag_limit}",
+                 f"eval.hellaswag_path={json.dumps(spec.eval.hellaswag_path)}"] if final else []
+        _trainer(out, ["--out", str(out), "--resume", *_sets(evals), *([] if final else stop)])
+    if not is_finished(out, spec):
+        raise RunFailed(f"{out}: the trainer exited 0 but the run is not finished; see {out / LOG}")
+
+
+def _trainer(out: Path, args: list[str]) -> None:
+    command = [sys.executable, "training/run.py", *args]
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": _threads(),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    with open(out / LOG, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    record_path = out / RUN_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"commands": [], "wall_s": 0.0}
+    record["commands"].append(command[1:])
+    record["wall_s"] += time.perf_counter() - start
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    if proc.returncode != 0:
+        tail = "\n".join((out / LOG).read_text().splitlines()[-15:])
+        raise RunFailed(f"{out}: the trainer exited {proc.returncode}:\n{tail}")
+
+
+def _threads() -> str:
+    return os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+
+
+def _sets(sets: list[str]) -> list[str]:
+    return [arg for item in sets for arg in ("--set", item)]
+
+
+def _saved_spec(out: Path) -> RunSpec | None:
+    path = out / "spec.json"
+    return RunSpec.model_validate_json(path.read_text()) if path.is_file() else None
+
+
+def _without_hellaswag(spec: RunSpec) -> RunSpec:
+    from zoo.overrides import with_changes
+
+    return with_changes(spec, {"eval.hellaswag_limit": 0, "eval.hellaswag_path": None})
+
+
+def _check_same(out: Path, saved: RunSpec, spec: RunSpec, *, allow_eval: bool) -> None:
+    """A run folder must hold this very run (its first phase, while `allow_eval`): else stop and say so."""
+    changed = [path for path, _, _ in diff(saved, spec) if not (allow_eval and path.startswith("eval.hellaswag"))]
+    if changed:
+        raise RunFailed(f"{out} holds a run with a different spec ({', '.join(changed[:5])}"
+                        f"{', ...' if len(changed) > 5 else ''}): delete that folder, or pass another --runs")
