@@ -2,8 +2,9 @@
 
 Model FLOPs per token come from `zoo describe` (forward) x 3 (forward + backward). The peak is the
 device's dense matmul rate for the training dtype: on CUDA a table of datasheet numbers, on CPU a
-measurement (a large square matmul, best of a few), cached on disk per CPU, thread count, dtype
-and torch version because it takes a few seconds.
+measurement (square matmuls, best of several), cached on disk per CPU, thread count, dtype and
+torch version because it takes a few seconds. Measure on a quiet machine: a busy one lowers the
+peak and inflates MFU (delete $ZOO_CACHE/matmul_peak.json to measure again).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 
 TRAIN_FLOPS_PER_FORWARD_FLOP = 3  # backward costs two forwards (grads w.r.t. inputs and weights)
-PEAK_MATMUL_SIZE = 2048
-PEAK_REPEATS = 5
+PEAK_MATMUL_SIZES = (1024, 2048)
+PEAK_REPEATS = 8  # best of several: a busy machine only ever lowers a measurement
 # Dense bf16 tensor-core peaks (datasheets, without sparsity), FLOP/s.
 CUDA_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
@@ -33,17 +34,18 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_peak(dtype: torch.dtype, size: int = PEAK_MATMUL_SIZE, repeats: int = PEAK_REPEATS) -> float:
-    """Best observed FLOP/s of a (size x size) @ (size x size) matmul on the CPU."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.mm(a, b)  # warm up (allocations, kernel selection)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+def measure_matmul_peak(dtype: torch.dtype, sizes=PEAK_MATMUL_SIZES, repeats: int = PEAK_REPEATS) -> float:
+    """Best observed FLOP/s of square matmuls on the CPU."""
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        torch.mm(a, b)  # warm up (allocations, kernel selection)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
 
 
 def peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> float:
