@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="every variant, one seed, a few steps at toy size; writes under --out (default a temp dir)")
     p.add_argument("--report", action="store_true", help="only rebuild tables and plots from finished runs")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once (default 1; 2 with --smoke, whose runs are mostly start-up)")
     p.add_argument("--out", type=Path, default=None, help="smoke: where runs/ and results/ go")
     p.add_argument("--runs", type=Path, default=None, help=f"run folders (default {RUNS.relative_to(ROOT)})")
     p.add_argument("--results", type=Path, default=None,
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment = EXPERIMENTS[name]
         start = time.perf_counter()
         try:
-            runs = run_experiment(experiment, runs_root.resolve(), smoke=args.smoke, train=not args.report)
+            runs = run_experiment(experiment, runs_root.resolve(), smoke=args.smoke, train=not args.report,
+                                  jobs=args.jobs or (2 if args.smoke else 1))
         except RunFailed as err:
             print(f"experiments: {err}", file=sys.stderr)
             return 1

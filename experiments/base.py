@@ -22,9 +22,6 @@ from zoo.specs import RunSpec
 
 CORPUS = "../shared/data/shakespeare_works.txt"  # relative to the repository root, where runs start
 HELLASWAG = "../shared/data/hellaswag_val.jsonl"
-# Scaled FFN and expert widths are rounded to a multiple of 8: with an odd width (341) a DeepSpeed
-# training step on CPU ran ~60x slower (116 vs 7,000 tokens/s), the same model at 344 ran at full speed.
-WIDTH_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -33,8 +30,9 @@ class Scale:
 
     Widths that follow d_model (the dense FFN, the experts' hidden size) shrink by `width_factor`,
     so each architecture keeps its ratios: equal active FFN width across dense and MoE variants stays
-    equal up to the rounding to a multiple of WIDTH_MULTIPLE. MLA sets its ranks and head dims per head rather than from d_model; they shrink by
-    `mla_factor`. Expert counts, top-k, routing and balancing settings are kept as they are.
+    equal up to rounding (3 x 341 = 1023 against 1024). MLA sets its ranks and head dims per head
+    rather than from d_model; they shrink by `mla_factor`. Expert counts, top-k, routing and
+    balancing settings are kept as they are.
     """
 
     d_model: int
@@ -56,7 +54,7 @@ class Scale:
         return RunSpec.model_validate(data)
 
     def _width(self, value: int) -> int:
-        return max(WIDTH_MULTIPLE, WIDTH_MULTIPLE * round(value * self.width_factor / WIDTH_MULTIPLE))
+        return max(1, round(value * self.width_factor))
 
     def _mla(self, value: int, even: bool = False) -> int:
         scaled = max(2 if even else 1, round(value * self.mla_factor))
@@ -92,12 +90,13 @@ class Scale:
             self._shrink(value)
 
 
-# d_model 384 -> 128 (x 1/3), 6 -> 4 layers, 8 -> 4 heads (head_dim 48 -> 32), context 512 -> 128,
-# vocabulary 4096 -> 2048; FFN and expert widths x 1/3 (3072 active hidden units -> 1024); MLA ranks
-# and head dims x 1/2 (q_lora 64, kv_lora 32, nope/rope 16/16, v 32: per head as wide as MHA's 32).
-CPU = Scale(d_model=128, n_layers=4, n_heads=4, seq_len=128, vocab_size=2048, width_factor=1 / 3, mla_factor=1 / 2)
+# d_model 384 -> 128 (x 1/3), 6 -> 4 layers, 8 -> 4 heads (head_dim 48 -> 32), context 512 -> 256
+# (HellaSwag continuations reach ~130 tokens of this vocabulary; the context must hold them), vocabulary
+# 4096 -> 2048; FFN and expert widths x 1/3 (3072 active hidden units -> 1024); MLA ranks and head dims
+# x 1/2 (q_lora 64, kv_lora 32, nope/rope 16/16, v 32: per head as wide as MHA's 32).
+CPU = Scale(d_model=128, n_layers=4, n_heads=4, seq_len=256, vocab_size=2048, width_factor=1 / 3, mla_factor=1 / 2)
 # The smoke scale: the same diffs, small enough that a step takes milliseconds.
-SMOKE = Scale(d_model=32, n_layers=2, n_heads=2, seq_len=32, vocab_size=512, width_factor=1 / 12, mla_factor=1 / 8)
+SMOKE = Scale(d_model=32, n_layers=2, n_heads=2, seq_len=128, vocab_size=512, width_factor=1 / 12, mla_factor=1 / 8)
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,8 @@ class Experiment:
     variants: dict[str, Variant]
     budget: Budget
     seeds: tuple[int, ...]
-    metrics: tuple[str, ...] = ("val/loss", "val/ppl", "val/acc", "perf/tokens_per_s")
+    # Columns of the table (experiments/results.py COLUMNS), read from the trainer's TensorBoard scalars.
+    metrics: tuple[str, ...] = ("total_params", "active_params", "val_loss", "val_ppl", "val_acc", "tokens_per_s")
     scale: Scale = CPU
     sweep: str | None = None  # a field path plotted on the x axis of loss-vs-value plots (e.g. train.muon_lr)
     groups: tuple[str, ...] = ()  # field paths that group a sweep's variants into lines (exp3: experts, top_k)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from experiments.base import Experiment, Variant
 from experiments.exp1 import EXPERIMENT as EXP1
 
-MUON_LRS = (0.005, 0.01, 0.02, 0.04, 0.08)
+MUON_LRS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 
 EXPERIMENT = Experiment(
     name="exp2",

@@ -18,7 +18,7 @@ from zoo.presets.core import ACTIVE_FFN_HIDDEN
 
 N_EXPERTS = (4, 8, 16)
 TOP_K = (1, 2, 4)
-MUON_LRS = (0.02, 0.04)
+MUON_LRS = (0.02, 1.28)  # the project default, and exp2's best for MLA + dense MLP at this scale and budget
 N_SHARED = 1  # the GLM-4.5 MoE's shared expert, as wide as a routed one
 
 
@@ -34,6 +34,8 @@ EXPERIMENT = Experiment(
     base="exp1_attention_moe",
     variants={f"e{e}_k{k}_lr{lr:g}": _variant(e, k, lr) for e in N_EXPERTS for k in TOP_K for lr in MUON_LRS},
     budget=replace(EXP1.budget, hellaswag_limit=0),  # the same budget as exp1, no HellaSwag
+    metrics=("total_params", "active_params", "val_loss", "val_ppl", "val_acc", "max_vio", "max_vio_mean",
+             "tokens_per_s"),
     seeds=(0,),
     sweep="train.muon_lr",
     groups=("model.ffn.n_experts", "model.ffn.top_k"),

@@ -2,7 +2,7 @@
 
     val_loss.png     validation loss against training tokens
     max_vio.png      MaxVio (mean over MoE layers) against training tokens, MoE variants
-    expert_load.png  each expert's share of routed tokens at the last logged step, per MoE layer
+    expert_load.png  experts' shares of routed tokens at the last logged step, by load rank, per MoE layer
     loss_vs_<x>.png  final validation loss against a swept field (log x), one line per group
 
 With one seed there is no spread to show: the plot says "1 seed" instead of drawing zero-size bars.
@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,7 +36,7 @@ def _colors(n: int):
 def _seeds_note(results: list[RunResult]) -> str:
     counts = sorted({s.n for s in aggregate(results, "val_loss").values()})
     n = counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-    return f"mean ± std over {n} seeds" if counts[-1] > 1 else "1 seed (no error bars)"
+    return f"mean ± std over {n} seeds" if counts[-1] > 1 else "1 seed: no error bars"
 
 
 def curves(results: list[RunResult], tag: str, ylabel: str, title: str, path: Path,
@@ -60,30 +61,34 @@ def curves(results: list[RunResult], tag: str, ylabel: str, title: str, path: Pa
 
 
 def expert_load(results: list[RunResult], title: str, path: Path) -> None:
+    """Per MoE variant and layer, the experts' shares of routed tokens at the last logged step, sorted
+    from the most to the least loaded: expert indices mean nothing across seeds, load ranks do."""
     variants = [v for v in _variants(results) if any(r.expert_share for r in results if r.variant == v)]
     if not variants:
         return
+    all_layers = sorted({layer for r in results for layer in r.expert_share})
+    color = dict(zip(all_layers, _colors(len(all_layers))))
     cols = min(3, len(variants))
     rows = math.ceil(len(variants) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
     for ax, variant in zip(axes.flat, variants):
         runs = [r for r in results if r.variant == variant]
-        layers = sorted(runs[0].expert_share)
-        for layer, color in zip(layers, _colors(len(layers))):
-            shares = [r.expert_share[layer] for r in runs]
+        for layer in sorted(runs[0].expert_share):
+            shares = [sorted(r.expert_share[layer], reverse=True) for r in runs]
             n_experts = len(shares[0])
             means = [sum(s[e] for s in shares) / len(shares) for e in range(n_experts)]
             stds = [_std([s[e] for s in shares]) for e in range(n_experts)]
-            ax.errorbar(range(n_experts), means, yerr=stds, marker="o", markersize=3, capsize=2,
-                        color=color, label=f"layer {layer}")
+            ax.errorbar(range(1, n_experts + 1), means, yerr=stds, marker="o", markersize=3, capsize=2,
+                        color=color[layer], label=f"layer {layer}")
         ax.axhline(1 / n_experts, color="gray", linestyle="--", linewidth=1, label="uniform")
         ax.set_title(variant, fontsize=9)
-        ax.set_xlabel("expert")
+        ax.set_xlabel("expert, by load rank (1 = most loaded)", fontsize=8)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     for ax in axes.flat[len(variants):]:
         ax.axis("off")
-    axes[0][0].set_ylabel("share of routed tokens")
-    axes[0][0].legend(fontsize=7)
+    for row in axes:
+        row[0].set_ylabel("share of routed tokens")
     fig.suptitle(f"{title}: expert load at the last logged step ({_seeds_note(results)})")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -111,6 +116,9 @@ def sweep(results: list[RunResult], x: str, groups: tuple[str, ...], title: str,
         label = ", ".join(f"{g.split('.')[-1]}={k}" for g, k in zip(groups, key)) or None
         ax.errorbar(xs, means, yerr=[_std(points[v]) for v in xs], marker="o", capsize=3, color=color, label=label)
     ax.set_xscale("log")
+    ticks = sorted({v for points in lines.values() for v in points})
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} ({_seeds_note(results)})")

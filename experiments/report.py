@@ -58,7 +58,7 @@ def table_markdown(experiment: Experiment, results: list[RunResult], *, smoke: b
             f"{budget.steps} steps x {budget.micro_batch_size} x {scale.seq_len} tokens = "
             f"{budget.tokens(scale.seq_len):,} training tokens per run; "
             f"seeds {list(experiment.seeds_for(smoke))}; mean ± std over seeds (sample std).", "",
-            markdown_table(results, reference=reference, extra=extra), ""]
+            markdown_table(results, experiment.metrics, reference=reference, extra=extra), ""]
     if len(experiment.groups) == 2:
         rows, cols = experiment.groups
         text += [f"Best final validation loss over {experiment.sweep} per {rows} x {cols}:", "",

@@ -129,7 +129,7 @@ class Stat:
     def format(self, fmt: str) -> str:
         if math.isnan(self.mean):
             return "-"
-        if self.n < 2 or math.isnan(self.std):
+        if self.n < 2 or math.isnan(self.std) or self.std == 0:  # one seed, or a count fixed by the spec
             return fmt.format(self.mean)
         return f"{fmt.format(self.mean)} ± {fmt.format(self.std)}"
 
@@ -187,10 +187,15 @@ def _plain(value):
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
-def markdown_table(results: list[RunResult], *, reference: str | None = None, extra: tuple[str, ...] = ()) -> str:
-    """Mean +- std over seeds per variant; columns that no run has are left out. With a reference
-    variant, a column of the paired difference in validation loss."""
-    present = [c for c in COLUMNS if any(c[0] in r.values for r in results)]
+def markdown_table(results: list[RunResult], columns: tuple[str, ...], *, reference: str | None = None,
+                   extra: tuple[str, ...] = ()) -> str:
+    """Mean +- std over seeds per variant of `columns` (those no run has are left out); `extra` field
+    paths are shown as they are. With a reference variant, a column of the paired difference in
+    validation loss."""
+    unknown = set(columns) - {c[0] for c in COLUMNS}
+    if unknown:
+        raise ValueError(f"unknown table columns {sorted(unknown)}; known: {[c[0] for c in COLUMNS]}")
+    present = [c for c in COLUMNS if c[0] in columns and any(c[0] in r.values for r in results)]
     seeds = {v: s.n for v, s in aggregate(results, "val_loss").items()}
     header = ["variant", *extra, "seeds", *(h for _, h, _ in present)]
     if reference:

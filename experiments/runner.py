@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,28 +52,40 @@ def plan(experiment: Experiment, runs_root: Path, *, smoke: bool = False) -> lis
 
 
 def run_experiment(experiment: Experiment, runs_root: Path, *, smoke: bool = False, train: bool = True,
-                   log=print) -> list[Run]:
-    """Every variant x seed, trained (or found finished); returns where each one's results are."""
-    runs, todo = [], plan(experiment, runs_root, smoke=smoke)
+                   jobs: int = 1, log=print) -> list[Run]:
+    """Every variant x seed, trained (or found finished); returns where each one's results are, in plan
+    order. `jobs` > 1 trains that many runs at once (for smoke runs, whose cost is start-up, not compute:
+    timings of concurrent runs share the CPU and mean little)."""
+    done: dict[Path, Run] = {}
+    pending: list[tuple[str, str, int, Path, RunSpec]] = []
+    todo = plan(experiment, runs_root, smoke=smoke)
     for index, (name, seed, out) in enumerate(todo, 1):
         spec = experiment.spec(name, seed, smoke=smoke)
         tag = f"[{experiment.name} {index}/{len(todo)}] {name} seed {seed}"
         if is_finished(out, spec):
             log(f"{tag}: finished earlier ({out})")
-            runs.append(Run(experiment.name, name, seed, spec, out, out))
+            done[out] = Run(experiment.name, name, seed, spec, out, out)
             continue
         donor = find_identical(runs_root, spec) if spec.eval.hellaswag_limit == 0 else None
         if donor is not None:
             log(f"{tag}: the same spec already ran in {donor}; reusing it")
-            runs.append(Run(experiment.name, name, seed, spec, out, donor))
+            done[out] = Run(experiment.name, name, seed, spec, out, donor)
             continue
         if not train:
             raise RunFailed(f"{tag}: no finished run in {out}; run without --report to train it")
+        pending.append((tag, name, seed, out, spec))
+
+    def work(item: tuple[str, str, int, Path, RunSpec]) -> Run:
+        tag, name, seed, out, spec = item
         start = time.perf_counter()
-        train_one(experiment, name, seed, out, smoke=smoke)
+        train_one(experiment, name, seed, out, smoke=smoke, concurrent=smoke or jobs > 1)
         log(f"{tag}: trained in {time.perf_counter() - start:.0f} s -> {out}")
-        runs.append(Run(experiment.name, name, seed, spec, out, out))
-    return runs
+        return Run(experiment.name, name, seed, spec, out, out)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for run in pool.map(work, pending):
+            done[run.out] = run
+    return [done[out] for _, _, out in todo]
 
 
 def is_finished(out: Path, spec: RunSpec) -> bool:
@@ -92,14 +105,18 @@ def find_identical(runs_root: Path, spec: RunSpec) -> Path | None:
     return None
 
 
-def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke: bool) -> None:
+def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke: bool,
+              concurrent: bool = False) -> None:
+    """Train one run to its last step (resuming it if it was interrupted); `concurrent`: it may share
+    the cores with other runs."""
+    env = _environment(concurrent)
     spec = experiment.spec(name, seed, smoke=smoke)
     steps, hellaswag = spec.train.steps, spec.eval.hellaswag_limit > 0
     stop = ["--stop-after", str(steps - 1)] if hellaswag and steps > 1 else []
     saved = _saved_spec(out)
     if saved is None or checkpoints.latest_tag(out) is None:
         preset, sets = experiment.command_args(name, seed, smoke=smoke, hellaswag=not stop)
-        _trainer(out, ["--preset", preset, *_sets(sets), "--out", str(out), *stop])
+        _trainer(out, ["--preset", preset, *_sets(sets), "--out", str(out), *stop], env)
     else:
         _check_same(out, saved, spec, allow_eval=True)
     if checkpoints.latest_tag(out) != checkpoints.tag_for(steps):
@@ -108,16 +125,26 @@ def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke:
         final = last >= steps - 1
         evals = [f"eval.hellaswag_limit={spec.eval.hellaswag_limit}",
                  f"eval.hellaswag_path={json.dumps(spec.eval.hellaswag_path)}"] if final else []
-        _trainer(out, ["--out", str(out), "--resume", *_sets(evals), *([] if final else stop)])
+        _trainer(out, ["--out", str(out), "--resume", *_sets(evals), *([] if final else stop)], env)
     if not is_finished(out, spec):
         raise RunFailed(f"{out}: the trainer exited 0 but the run is not finished; see {out / LOG}")
 
 
-def _trainer(out: Path, args: list[str]) -> None:
+def _environment(concurrent: bool) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONWARNINGS": "ignore"}
+    if concurrent:
+        # With more threads than free cores (runs side by side, or a co-tenant), spinning OpenMP threads
+        # stall each other: a tiny linear layer took 40 ms instead of 0.2 ms, a 3-step smoke run 79 s
+        # instead of 5. Sleeping waits avoid that. Real runs keep the default, for full speed on a
+        # quiet machine.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def _trainer(out: Path, args: list[str], env: dict[str, str]) -> None:
     command = [sys.executable, "training/run.py", *args]
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": _threads(),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     start = time.perf_counter()
     with open(out / LOG, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -131,10 +158,6 @@ def _trainer(out: Path, args: list[str]) -> None:
     if proc.returncode != 0:
         tail = "\n".join((out / LOG).read_text().splitlines()[-15:])
         raise RunFailed(f"{out}: the trainer exited {proc.returncode}:\n{tail}")
-
-
-def _threads() -> str:
-    return os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
 
 def _sets(sets: list[str]) -> list[str]:

@@ -1,0 +1,172 @@
+"""Experiments: the declarations rebuild through `--set`, the aggregation is right on known numbers, and
+`python -m experiments expN --smoke` trains every variant through the trainer and writes its results."""
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import EXPERIMENTS
+from experiments.__main__ import main
+from experiments.base import CPU, spec_sets
+from experiments.results import RunResult, aggregate, markdown_table, paired_delta, pivot_table, stat
+from zoo import presets
+from zoo.describe import describe
+from zoo.overrides import apply_sets
+from zoo.specs import MLPSpec, MoESpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ declarations
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_run_is_its_preset_plus_set_arguments(name):
+    experiment = EXPERIMENTS[name]
+    for variant in experiment.variants:
+        for smoke in (False, True):
+            seed = experiment.seeds_for(smoke)[-1]
+            preset, sets = experiment.command_args(variant, seed, smoke=smoke)  # asserts the round trip
+            spec = apply_sets(presets.get(preset), sets)
+            assert spec.train.seed == seed and spec.data.seq_len == spec.model.max_seq_len
+
+
+def test_spec_sets_replaces_a_slot_whose_kind_changes():
+    start, target = presets.get("exp1_baseline"), presets.get("exp1_attention_mlp")
+    sets = spec_sets(start, target)
+    assert any(s.startswith("model.attention={") for s in sets)
+    assert apply_sets(start, sets) == target
+
+
+def test_exp1_variants_differ_only_by_their_preset_diff():
+    exp1 = EXPERIMENTS["exp1"]
+    assert set(exp1.variants) == {"baseline", "mlp", "attention_mlp", "moe", "attention_moe"}
+    for variant in exp1.variants:
+        assert exp1.variant_spec(variant) == presets.get(f"exp1_{variant}")
+        spec = exp1.spec(variant, 0)
+        assert (spec.model.d_model, spec.model.n_layers, spec.model.vocab_size) == (CPU.d_model, CPU.n_layers,
+                                                                                     CPU.vocab_size)
+
+
+def _active_ffn_width(ffn) -> int:
+    if isinstance(ffn, MLPSpec):
+        return ffn.d_hidden
+    assert isinstance(ffn, MoESpec)
+    return (ffn.top_k + ffn.n_shared_experts) * ffn.d_expert
+
+
+@pytest.mark.parametrize("name", ["exp1", "exp3", "exp4"])
+def test_active_ffn_width_stays_comparable_at_cpu_scale(name):
+    """The scale keeps the architectures' ratios: every layer's active FFN width is within 2% of 1024."""
+    experiment = EXPERIMENTS[name]
+    for variant in experiment.variants:
+        for layer in experiment.spec(variant, 0).model.layer_specs():
+            assert abs(_active_ffn_width(layer.ffn) - 1024) <= 0.02 * 1024, (variant, layer.ffn)
+
+
+def test_exp4_variants_have_equal_active_parameters():
+    exp4 = EXPERIMENTS["exp4"]
+    counts = {v: describe(exp4.spec(v, 0))["active_params"] for v in exp4.variants}
+    assert max(counts.values()) - min(counts.values()) == 0, counts
+
+
+def test_exp2_sweeps_at_least_five_log_spaced_lrs():
+    lrs = sorted(EXPERIMENTS["exp2"].sweep_value(v) for v in EXPERIMENTS["exp2"].variants)
+    ratios = {round(b / a, 6) for a, b in zip(lrs, lrs[1:])}
+    assert len(lrs) >= 5 and len(ratios) == 1
+
+
+def test_show_prints_every_variant_as_a_diff(capsys):
+    assert main(["all", "--show"]) == 0
+    text = capsys.readouterr().out
+    for experiment in EXPERIMENTS.values():
+        assert f"base preset: {experiment.base}" in text
+        for variant in experiment.variants:
+            assert f"\n{variant}  (" in text
+    assert "model.ffn.n_experts: 8 -> 16" in text  # exp3's diff from exp1_attention_moe
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+
+
+def _result(variant, seed, loss, **values):
+    return RunResult(variant, seed, {"val_loss": loss, **values}, {"val/loss": {100: loss + 1, 200: loss}})
+
+
+def test_stat_is_mean_and_sample_std():
+    s = stat([1.0, 2.0, 3.0])
+    assert (s.mean, s.std, s.n) == (2.0, 1.0, 3)
+    assert math.isnan(stat([5.0]).std) and stat([5.0]).format("{:.1f}") == "5.0"
+    assert s.format("{:.2f}") == "2.00 ± 1.00"
+    assert stat([]).n == 0
+
+
+def test_aggregate_paired_delta_and_table_on_known_numbers():
+    results = [_result("base", 0, 3.0), _result("base", 1, 3.2), _result("base", 2, 3.4),
+               _result("wide", 0, 2.9), _result("wide", 1, 3.0), _result("wide", 2, 3.3)]
+    means = aggregate(results, "val_loss")
+    assert list(means) == ["base", "wide"]
+    assert means["base"].mean == pytest.approx(3.2) and means["base"].std == pytest.approx(0.2)
+    delta = paired_delta(results, "val_loss", "base")
+    assert delta["wide"].mean == pytest.approx(-0.1333333) and delta["wide"].std == pytest.approx(0.0577350)
+    table = markdown_table(results, ("val_loss", "val_ppl"), reference="base")
+    lines = table.splitlines()
+    assert lines[0] == "| variant | seeds | val loss | Δ val loss vs base (paired) |"  # no run has val_ppl
+    assert lines[2] == "| base | 3 | 3.200 ± 0.200 | (reference) |"
+    assert lines[3] == "| wide | 3 | 3.067 ± 0.208 | -0.133 ± 0.058 |"
+
+
+def test_pivot_table_takes_the_best_over_the_other_fields():
+    results = [_result(f"e{e}_k{k}_lr{lr}", 0, loss, **{"e": e, "k": k})
+               for e, k, lr, loss in [(4, 1, 1, 3.5), (4, 1, 2, 3.4), (8, 1, 1, 3.3), (8, 1, 2, 3.6)]]
+    assert pivot_table(results, "e", "k").splitlines()[2:] == ["| 4 | 3.400 |", "| 8 | 3.300 |"]
+
+
+# ------------------------------------------------------------------------------------------ smoke
+
+
+@pytest.fixture(scope="module")
+def smoke_env(tmp_path_factory):
+    return {"ZOO_CACHE": str(tmp_path_factory.mktemp("zoo_cache"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_smoke_writes_every_variant(name, smoke_env, tmp_path, monkeypatch):
+    for key, value in smoke_env.items():
+        monkeypatch.setenv(key, value)
+    assert main([name, "--smoke", "--out", str(tmp_path)]) == 0
+    experiment, folder = EXPERIMENTS[name], tmp_path / "results" / name
+    with open(folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == list(experiment.variants)
+    assert all(float(r["val_loss"]) > 0 and int(r["tokens"]) == experiment.smoke_budget.tokens(experiment.smoke_scale.seq_len) for r in rows)
+    table = (folder / "table.md").read_text()
+    assert "SMOKE" in table and all(f"| {v} |" in table for v in experiment.variants)
+    assert (folder / "val_loss.png").stat().st_size > 0
+    assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == sorted(experiment.variants)
+    moe = any(experiment.spec(v, 0).model.ffn.kind == "moe" for v in experiment.variants)
+    assert (folder / "max_vio.png").is_file() == moe and (folder / "expert_load.png").is_file() == moe
+    if experiment.sweep:
+        assert (folder / f"loss_vs_{experiment.sweep.split('.')[-1]}.png").is_file()
+    if experiment.budget.hellaswag_limit:
+        assert all(r["hellaswag_acc_norm"] for r in rows)  # scored on the final model
+
+
+@pytest.mark.slow
+def test_finished_runs_are_skipped_and_a_changed_spec_is_refused(smoke_env, tmp_path):
+    env = {**__import__("os").environ, **smoke_env}
+    command = [sys.executable, "-m", "experiments", "exp4", "--smoke", "--out", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("finished earlier") == len(EXPERIMENTS["exp4"].variants)
+    spec = tmp_path / "runs" / "exp4" / "sigmoid_bias" / "seed0" / "spec.json"
+    spec.write_text(spec.read_text().replace('"steps": 3', '"steps": 4'))
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert refused.returncode == 1 and "holds a run with a different spec (train.steps)" in refused.stderr
