@@ -240,7 +240,8 @@ class Experiment:
         lines += [f"    train.seed in {list(self.seeds_for(smoke))}",
                   f"    = {budget.tokens(scale.seq_len):,} training tokens per run"]
         if budget.hellaswag_limit:
-            lines.append(f"    + HellaSwag acc_norm on the first {budget.hellaswag_limit} validation items, final model")
+            lines.append(f"    + HellaSwag acc_norm on the first {budget.hellaswag_limit} validation items, "
+                         "final model only")
         return "\n".join(lines)
 
 
@@ -259,7 +260,8 @@ def spec_sets(start: RunSpec, target: RunSpec) -> list[str]:
     def walk(a: Any, b: Any, path: str) -> None:
         if a == b:
             return
-        same_dict = isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and a.get("kind") == b.get("kind")
+        same_dict = (isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys()
+                     and a.get("kind") == b.get("kind"))
         same_list = isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
         if same_dict:
             for key in a:

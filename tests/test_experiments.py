@@ -144,7 +144,8 @@ def test_smoke_writes_every_variant(name, smoke_env, tmp_path, monkeypatch):
     with open(folder / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == list(experiment.variants)
-    assert all(float(r["val_loss"]) > 0 and int(r["tokens"]) == experiment.smoke_budget.tokens(experiment.smoke_scale.seq_len) for r in rows)
+    tokens = experiment.smoke_budget.tokens(experiment.smoke_scale.seq_len)
+    assert all(float(r["val_loss"]) > 0 and int(r["tokens"]) == tokens for r in rows)
     table = (folder / "table.md").read_text()
     assert "SMOKE" in table and all(f"| {v} |" in table for v in experiment.variants)
     assert (folder / "val_loss.png").stat().st_size > 0

@@ -382,6 +382,11 @@ def _json(value) -> str:
     return json.dumps(value, indent=2) + "\n"
 
 
+def _print_error(err: Exception) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"training: error: {err}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's ZeRO still calls the c10d collectives torch renamed; the warning is theirs to act on.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
@@ -389,9 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = train(args)
     except (SpecError, DataError, TrainingError) as err:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            print(f"training: error: {err}", file=sys.stderr)
+        _print_error(err)
+        code = EXIT_USAGE
+    except ValueError as err:
+        from training.evaluation.lm import EvalError  # e.g. a HellaSwag item longer than the context
+
+        if not isinstance(err, EvalError):
+            raise
+        _print_error(err)
         code = EXIT_USAGE
     if dist.is_available() and dist.is_initialized():
         multi = dist.get_world_size() > 1
