@@ -9,11 +9,13 @@ Sections (each fails on its own, with one line, and the rest still run):
   grouped   `dropless_dispatch`'s torch._grouped_mm path (CUDA bf16) against the per-expert loop
             (bf16) and an fp32 loop reference, forward and backward, and both timed
   pytest    tests/test_moe.py tests/test_attention.py (CPU tests) under this machine's torch
+  trainstep benchmarks/train_step.py on perf_0p5b (~0.5B total parameters) in bf16: the zoo against
+            transformers' DeepseekV3ForCausalLM (grouped_mm experts, SDPA), tokens/s, MFU, memory
   train     the real trainer (training/run.py, DeepSpeed, ZeRO-1, bf16) at ~0.5B total parameters:
             tokens/s and MFU as the trainer prints them
 
 Exit status: 0 when CUDA is there (whatever the sections found; read the report), 2 without CUDA.
-Options: --sections a,b,c   --train-steps N   --train-timeout S   --micro-batch N   --compile
+Options: --sections a,b,c   --train-steps N   --train-timeout S   --trainstep-timeout S   --micro-batch N   --compile
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SECTIONS = ("env", "matmul", "flash", "grouped", "pytest", "train")
+SECTIONS = ("env", "matmul", "flash", "grouped", "pytest", "trainstep", "train")
 RESULTS: list[str] = []  # one line per figure, reprinted in the summary
 BF16_TOL = 2e-2  # relative L2 error vs an fp32 reference that bf16 results must stay under
 DEV = "cuda"  # "cpu" only with --cpu-smoke (a developer's dry run of the code paths, no real figures)
@@ -151,8 +153,8 @@ def padded_v_sdpa(orig, q, k, v, **kw):
 
 
 def attention_cases():
-    """(label, RunSpec) pairs: the presets' attention shapes plus the ~0.5B training run's MLA and a
-    DeepSeek-V3-ratio MLA (qk 192, v 128)."""
+    """(label, RunSpec) pairs: the presets' attention shapes (the ~0.5B training run's MLA included)
+    plus a DeepSeek-V3-ratio MLA (qk 192, v 128)."""
     from zoo import presets
     from zoo.overrides import with_changes
 
@@ -164,8 +166,7 @@ def attention_cases():
             continue
         seen.add(key)
         cases.append((name, spec))
-    big = with_changes(presets.get("deepseek_glm4"), TRAIN_MODEL_SETS)
-    cases.append(("train-run mla (qk 96 / v 64)", big))
+    big = presets.get(TRAIN_PRESET)  # in the loop above: the ~0.5B training run's MLA (qk 96 / v 64)
     v3 = with_changes(big, {"model.attention.qk_nope_head_dim": 128, "model.attention.qk_rope_head_dim": 64,
                             "model.attention.v_head_dim": 128, "model.attention.n_heads": 8})
     cases.append(("v3-ratio mla (qk 192 / v 128)", v3))
@@ -208,8 +209,7 @@ def section_flash(args) -> None:
     import torch
     from torch.nn.attention import SDPBackend
 
-    import zoo.blocks.mha as mha_mod
-    import zoo.blocks.mla as mla_mod
+    import zoo.blocks.sdpa as sdpa_mod  # MHA and MLA both call SDPA through zoo.blocks.sdpa
 
     B, T = (4, 1024) if DEV == "cuda" else (1, 64)
     for label, spec in attention_cases():
@@ -217,7 +217,7 @@ def section_flash(args) -> None:
             att = spec.model.attention
             block32 = build_attention(spec).to(DEV)
             block = copy.deepcopy(block32).to(torch.bfloat16)
-            module = mla_mod if att.kind == "mla" else mha_mod
+            module = sdpa_mod
             torch.manual_seed(0)
             x = torch.randn(B, T, spec.model.d_model, device=DEV)
             g = torch.randn(B, T, spec.model.d_model, device=DEV)
@@ -269,7 +269,7 @@ def section_flash(args) -> None:
                 results[name] = ("ok" if ok else "MISMATCH", f"rel err out {err_out:.1e} grads {err_grad:.1e} (vs fp32 math); fwd+bwd {ms:.2f} ms")
             if att.kind == "mla" and att.qk_nope_head_dim + att.qk_rope_head_dim != att.v_head_dim:
                 try:
-                    with patched_sdpa(mla_mod, padded_v_sdpa):
+                    with patched_sdpa(sdpa_mod, padded_v_sdpa):
                         out, grads = run_attention(block, xb, gb, [SDPBackend.FLASH_ATTENTION])
                         err_out = rel_err(out, ref_out)
                         err_grad = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
@@ -422,29 +422,14 @@ def _pythonpath() -> str:
 
 
 # ------------------------------------------------------------------------------------------- train
-# ~0.5B total parameters (~0.1B active) on the built-in corpus: MLA attention, 64 experts top-6.
-TRAIN_MODEL_SETS = {
-    "model.d_model": 1024,
-    "model.n_layers": 10,
-    "model.max_seq_len": 1024,
-    "model.vocab_size": 4096,
-    "model.attention.n_heads": 16,
-    "model.attention.q_lora_rank": 512,
-    "model.attention.kv_lora_rank": 256,
-    "model.attention.qk_nope_head_dim": 64,
-    "model.attention.qk_rope_head_dim": 32,
-    "model.attention.v_head_dim": 64,
-    "model.ffn.n_experts": 64,
-    "model.ffn.top_k": 6,
-    "model.ffn.d_expert": 256,
-    "model.dense_ffn.d_hidden": 4096,
-}
+# ~0.5B total parameters (~0.1B active) on the built-in corpus: the perf_0p5b preset (MLA attention,
+# 64 experts top-6, T 1024).
+TRAIN_PRESET = "perf_0p5b"
 
 
 def train_sets(args) -> dict:
-    sets = dict(TRAIN_MODEL_SETS)
+    sets = {}
     sets.update({
-        "data.seq_len": 1024,
         "train.micro_batch_size": args.micro_batch,
         "train.steps": args.train_steps,
         "train.warmup_steps": 5,
@@ -518,9 +503,9 @@ def section_train(args) -> None:
         from zoo.cli import resolve
         from zoo.describe import describe
 
-        spec = resolve("deepseek_glm4", [f"{k}={json.dumps(v)}" for k, v in TRAIN_MODEL_SETS.items()], False)
+        spec = resolve(TRAIN_PRESET, [], False)
         d = describe(spec, seq_len=1024)
-        note(f"train model: deepseek_glm4 + {len(TRAIN_MODEL_SETS)} sets: {d['total_params'] / 1e6:.0f}M total, "
+        note(f"train model: {TRAIN_PRESET}: {d['total_params'] / 1e6:.0f}M total, "
              f"{d['active_params'] / 1e6:.0f}M active per token, {d['flops_per_token'] / 1e6:.0f} MFLOP/token forward at T=1024")
     except Exception as err:
         note(f"train model: describe failed: {type(err).__name__}: {str(err)[:200]}")
@@ -529,7 +514,7 @@ def section_train(args) -> None:
         import shutil
 
         shutil.rmtree(out)
-    cmd = [sys.executable, "training/run.py", "--preset", "deepseek_glm4", "--out", str(out)]
+    cmd = [sys.executable, "training/run.py", "--preset", TRAIN_PRESET, "--out", str(out)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]
     say("  $ " + " ".join(["python", *cmd[1:]]))
@@ -603,13 +588,44 @@ def section_train(args) -> None:
              f"mean utilisation {statistics.mean(busy) if busy else 0:.0f}% over {len(busy)} busy samples")
 
 
+# ---------------------------------------------------------------------------------------- trainstep
+def section_trainstep(args) -> None:
+    import json
+
+    out = Path(args.train_out + "_trainstep.json")
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--preset", TRAIN_PRESET, "--precisions", "bf16",
+           "--hf-experts", "grouped_mm", "--hf-attention", "sdpa", "--reps", "10", "--json", str(out)]
+    cmd += ["--set", f"train.micro_batch_size={args.micro_batch}"] + (["--compile"] if args.compile else [])
+    say("  $ " + " ".join(["python", *cmd[1:]]))
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.trainstep_timeout,
+                              env={**os.environ, "PYTHONPATH": _pythonpath()})
+    except subprocess.TimeoutExpired:
+        note(f"trainstep: TIMED OUT after {args.trainstep_timeout} s")
+        return
+    for line in (proc.stdout + proc.stderr).splitlines()[-25:]:
+        say("    | " + line[:300])
+    if proc.returncode or not out.exists():
+        note(f"trainstep: exit {proc.returncode}; see the lines above")
+        return
+    result = json.loads(out.read_text())
+    for row in result["results"].values():
+        memory = row.get("peak_step_memory_bytes") or 0
+        note(f"trainstep {TRAIN_PRESET} batch {args.micro_batch}x1024: {row['label']}: {row['step_ms']:.0f} ms/step, "
+             f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%} (of {row['peak_flops'] / 1e12:.0f} TFLOP/s), "
+             f"step memory {memory / 2**30:.1f} GiB")
+    if "speedup" in result:
+        note(f"trainstep: zoo / transformers speed {result['speedup']:.2f}x")
+
+
 # -------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--train-steps", type=int, default=40)
-    p.add_argument("--train-timeout", type=int, default=300, help="seconds before the trainer is killed")
-    p.add_argument("--pytest-timeout", type=int, default=180)
+    p.add_argument("--train-timeout", type=int, default=150, help="seconds before the trainer is killed")
+    p.add_argument("--pytest-timeout", type=int, default=120)
+    p.add_argument("--trainstep-timeout", type=int, default=180)
     p.add_argument("--micro-batch", type=int, default=None, help="default: 32 on GPUs with >= 100 GiB, else 16 (seq 1024)")
     p.add_argument("--train-out", default="/tmp/gpu_check_run")
     p.add_argument("--compile", action="store_true", help="train with --set train.compile=true")

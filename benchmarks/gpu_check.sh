@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Blueberry Zoo GPU check: bf16 matmul TFLOP/s, flash attention on our attention blocks, grouped-GEMM
-# MoE dispatch vs the per-expert loop, our CPU tests under this torch, and the real DeepSpeed trainer
-# at ~0.5B parameters (tokens/s, MFU). Needs one NVIDIA GPU; about 70 s on an H200 (2026-11-28), under 8 minutes anywhere
-# it fits (the trainer is killed after --train-timeout, default 300 s). --compile: train with torch.compile.
+# MoE dispatch vs the per-expert loop, our CPU tests under this torch, the train-step benchmark at
+# ~0.5B parameters against transformers (tokens/s, MFU), and the real DeepSpeed trainer at the same
+# size. Needs one NVIDIA GPU. Without the trainstep section it took about 70 s on an H200
+# (2026-11-28). Caps keep it under 8 minutes: pytest 120 s, trainstep 180 s, trainer 150 s.
+# --compile: benchmark and train with torch.compile.
 #
 #   bash benchmarks/gpu_check.sh                        # everything
-#   bash benchmarks/gpu_check.sh --sections matmul,flash  # a subset (env,matmul,flash,grouped,pytest,train)
+#   bash benchmarks/gpu_check.sh --sections matmul,flash  # a subset (env,matmul,flash,grouped,pytest,trainstep,train)
 #   bash benchmarks/gpu_check.sh --help
 #
 # Python: $PYTHON if set, else the repo's .venv if it has one, else python3 (needs torch with CUDA and

@@ -163,3 +163,41 @@ def test_yarn_softmax_scale_correction_applies():
     mscale = 0.1 * math.log(4.0) + 1
     assert mla.softmax_scale == pytest.approx(16**-0.5 * mscale**2)
     assert F is not None
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,n_past", [(4, 4, 0), (4, 2, 0), (4, 1, 3), (4, 2, 5)])
+def test_cpu_bf16_matmul_attention_equals_sdpa(n_heads, n_kv_heads, n_past):
+    """The CPU bf16 path (baddbmm-softmax-bmm) against fp32 SDPA with the same causal mask, for MHA,
+    GQA, MQA and queries after cached positions; gradients included."""
+    from zoo.blocks.kv_cache import causal_sdpa_mask
+    from zoo.blocks.sdpa import causal_attention
+
+    B, T, Dk, Dv = 2, 7, 16, 8
+    S = n_past + T
+    q = torch.randn(B, n_heads, T, Dk)
+    k, v = torch.randn(B, n_kv_heads, S, Dk), torch.randn(B, n_kv_heads, S, Dv)
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    y = causal_attention(*leaves, scale=0.3, n_past=n_past)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    y_ref = F.scaled_dot_product_attention(*ref_leaves, scale=0.3, enable_gqa=n_kv_heads != n_heads,
+                                           **causal_sdpa_mask(T, n_past, q.device))
+    g = torch.randn_like(y_ref)
+    grads = torch.autograd.grad(y, leaves, g.to(torch.bfloat16))
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, g)
+    assert y.dtype == torch.bfloat16 and y.shape == (B, n_heads, T, Dv)
+    torch.testing.assert_close(y.float(), y_ref, atol=3e-2, rtol=3e-2)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=5e-2)
+
+
+def test_matmul_attention_is_causal():
+    """Changing a later key or value leaves earlier outputs of the matmul path unchanged."""
+    from zoo.blocks.sdpa import causal_attention
+
+    q, k, v = (torch.randn(1, 2, 6, 8).to(torch.bfloat16) for _ in range(3))
+    y = causal_attention(q, k, v, scale=0.35)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 4:], v2[:, :, 4:] = 5.0, -5.0
+    y2 = causal_attention(q, k2, v2, scale=0.35)
+    assert torch.equal(y[:, :, :4], y2[:, :, :4])
+    assert not torch.equal(y[:, :, 4:], y2[:, :, 4:])

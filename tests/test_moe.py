@@ -46,7 +46,8 @@ def _loop_reference(x_TD, weights_TK, experts_TK, gate_up, down):
     return torch.stack(rows)
 
 
-def test_dropless_dispatch_equals_per_token_loop_outputs_and_gradients():
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_dropless_dispatch_equals_per_token_loop_outputs_and_gradients(impl):
     T, K, E = 37, 3, 6
     x = torch.randn(T, D, requires_grad=True)
     gate_up = (torch.randn(E, 2 * F_HIDDEN, D) * 0.2).requires_grad_()
@@ -55,7 +56,7 @@ def test_dropless_dispatch_equals_per_token_loop_outputs_and_gradients():
     experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
     experts[:, 0] = torch.where(experts[:, 0] == 5, 4, experts[:, 0])  # uneven loads
 
-    y, counts = dropless_dispatch(x, weights, experts, gate_up, down)
+    y, counts = dropless_dispatch(x, weights, experts, gate_up, down, impl=impl)
     grads = torch.autograd.grad(y.square().sum(), (x, gate_up, down, weights))
     y_ref = _loop_reference(x, weights, experts, gate_up, down)
     grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, gate_up, down, weights))
@@ -66,11 +67,51 @@ def test_dropless_dispatch_equals_per_token_loop_outputs_and_gradients():
     assert counts.tolist() == torch.bincount(experts.flatten(), minlength=E).tolist()
 
 
-def test_dropless_dispatch_handles_unused_experts():
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+def test_dropless_dispatch_handles_unused_experts(impl):
     x = torch.randn(5, D)
     experts = torch.zeros(5, 1, dtype=torch.long)  # everything to expert 0 of 4
-    y, counts = dropless_dispatch(x, torch.ones(5, 1), experts, torch.randn(4, 2 * F_HIDDEN, D), torch.randn(4, D, F_HIDDEN))
-    assert counts.tolist() == [5, 0, 0, 0] and y.shape == x.shape
+    gate_up, down = torch.randn(4, 2 * F_HIDDEN, D), torch.randn(4, D, F_HIDDEN)
+    y, counts = dropless_dispatch(x, torch.ones(5, 1), experts, gate_up, down, impl=impl)
+    assert counts.tolist() == [5, 0, 0, 0]
+    torch.testing.assert_close(y, _loop_reference(x, torch.ones(5, 1), experts, gate_up, down), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-tensors", "fp32-under-autocast"])
+def test_bf16_grouped_mm_dispatch_is_chosen_and_tracks_the_fp32_reference(autocast, monkeypatch):
+    """bf16 (or autocast to it) takes torch._grouped_mm on CPU; it agrees with the fp32 loop to bf16
+    precision, gradients included, and fp32 gradients reach fp32 weights under autocast."""
+    T, K, E = 64, 2, 4
+    x32 = torch.randn(T, D)
+    gate_up32, down32 = torch.randn(E, 2 * F_HIDDEN, D) * 0.2, torch.randn(E, D, F_HIDDEN) * 0.2
+    weights32 = torch.rand(T, K)
+    experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    leaves32 = [t.clone().requires_grad_() for t in (x32, weights32, gate_up32, down32)]
+    y32, _ = dropless_dispatch(leaves32[0], leaves32[1], experts, *leaves32[2:], impl="loop")
+    grads32 = torch.autograd.grad(y32.square().sum(), leaves32)
+
+    import zoo.blocks.moe as moe_mod
+
+    chosen = []
+    real = moe_mod._experts_grouped_mm
+    monkeypatch.setattr(moe_mod, "_experts_grouped_mm", lambda *a: chosen.append(True) or real(*a))
+    if autocast:
+        leaves = [t.clone().requires_grad_() for t in (x32, weights32, gate_up32, down32)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = dropless_dispatch(leaves[0], leaves[1], experts, *leaves[2:])
+    else:
+        leaves = [t.to(torch.bfloat16).requires_grad_() for t in (x32, weights32, gate_up32, down32)]
+        y, _ = dropless_dispatch(leaves[0], leaves[1], experts, *leaves[2:])
+    grads = torch.autograd.grad(y.float().square().sum(), leaves)
+    assert chosen, "bf16 compute on CPU did not take the grouped_mm path"
+    assert y.dtype == leaves[0].dtype and all(g.dtype == t.dtype for g, t in zip(grads, leaves))
+
+    def rel(a, b):
+        return ((a.float() - b).norm() / b.norm()).item()
+
+    assert rel(y.detach(), y32.detach()) < 2e-2
+    for g, g32 in zip(grads, grads32):
+        assert rel(g, g32) < 3e-2
 
 
 def _sigmoid_router(**kw):

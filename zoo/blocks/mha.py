@@ -10,10 +10,10 @@ With a `LayerCache`, keys (rotated) and values of G heads are cached: 2 * G * Dh
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from zoo.blocks.kv_cache import LayerCache, causal_sdpa_mask
+from zoo.blocks.kv_cache import LayerCache
+from zoo.blocks.sdpa import causal_attention
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import RotaryEmbedding, apply_rope
 
@@ -62,10 +62,7 @@ class MultiHeadAttention(nn.Module):
         q, k = _rotate_prefix(q, cos, sin), _rotate_prefix(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, G, S, Dh): the past and these T positions
-        y = F.scaled_dot_product_attention(
-            q, k, v, scale=self.softmax_scale, enable_gqa=self.n_kv_heads != self.n_heads,
-            **causal_sdpa_mask(T, past, x.device),
-        )  # (B, H, T, Dh)
+        y = causal_attention(q, k, v, scale=self.softmax_scale, n_past=past)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

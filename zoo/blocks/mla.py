@@ -14,10 +14,10 @@ kv_b_proj into the query and output projections would skip that up-projection; n
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from zoo.blocks.kv_cache import LayerCache, causal_sdpa_mask
+from zoo.blocks.kv_cache import LayerCache
+from zoo.blocks.sdpa import causal_attention
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import Layout, RotaryEmbedding, apply_rope
 
@@ -87,7 +87,5 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.expand(B, H, S, self.rope_dim)), dim=-1)  # (B, H, S, N+R)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, H, T, N+R)
-        y = F.scaled_dot_product_attention(
-            q, k, v, scale=self.softmax_scale, **causal_sdpa_mask(T, past, x.device)
-        )  # (B, H, T, V)
+        y = causal_attention(q, k, v, scale=self.softmax_scale, n_past=past)  # (B, H, T, V)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))

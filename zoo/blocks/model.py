@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.blocks.dtypes import compute_dtype
 from zoo.blocks.kv_cache import KVCache
+from zoo.blocks.lm_loss import linear_cross_entropy
 from zoo.blocks.moe import MoE, RouterStats
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.routers import SigmoidGroupTopKRouter
@@ -26,7 +28,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when forward(return_logits=False) computed a loss
     loss: torch.Tensor | None  # ce_loss + aux_loss, when labels are given
     ce_loss: torch.Tensor | None
     aux_loss: torch.Tensor  # sum over MoE layers (0 for a dense model)
@@ -87,7 +89,10 @@ class DecoderLM(nn.Module):
         labels: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        return_logits: bool = True,
     ) -> CausalLMOutput:
+        """`return_logits=False` (with labels): the loss from `linear_cross_entropy`, which never
+        holds the (B, T, V) logits; `logits` is then None."""
         x = self.embed(input_ids)  # (B, T, D)
         if cache is not None and positions is None:
             positions = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)
@@ -96,12 +101,19 @@ class DecoderLM(nn.Module):
             x = layer(x, positions) if cache is None else layer(x, positions, cache=cache.layers[index])
             if isinstance(layer.ffn, MoE):
                 stats[index] = layer.ffn.pop_stats()
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        aux_loss = sum((s.aux_loss for s in stats.values()), logits.new_zeros((), dtype=torch.float32))
-        ce_loss = loss = None
+        h = self.norm(x)
+        aux_loss = sum((s.aux_loss for s in stats.values()), h.new_zeros((), dtype=torch.float32))
+        logits = ce_loss = loss = None
+        if return_logits or labels is None:
+            logits = self.lm_head(h)  # (B, T, V)
         if labels is not None:
-            ce_loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+            if logits is not None:
+                ce_loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+                )
+            else:  # position t predicts t+1: shift the labels, not h (no copy of h)
+                next_BT = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+                ce_loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, next_BT.flatten(),
+                                               ignore_index=IGNORE_INDEX, dtype=compute_dtype(h))
             loss = ce_loss + aux_loss
         return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce_loss, aux_loss=aux_loss, router_stats=stats)

@@ -537,13 +537,19 @@ def _rope_to_hf(rope: RopeSpec, spec: ModelSpec, *, where: str, mla: bool) -> di
     return params
 
 
-def _hf_tensors(model: DecoderLM, spec: ModelSpec, model_type: str) -> dict[str, torch.Tensor]:
-    """The model's weights under HF names, experts one by one as released checkpoints store them."""
+def _hf_tensors(
+    model: DecoderLM, spec: ModelSpec, model_type: str, *, stacked: bool = False
+) -> dict[str, torch.Tensor]:
+    """The model's weights under HF names, experts one by one as released checkpoints store them
+    (`stacked`: as transformers v5 modules hold them, gate_up_proj (E, 2F, D) and down_proj (E, D, F))."""
     out = {}
     for name, tensor in model.state_dict().items():
         if spec.tie_embeddings and name == "lm_head.weight":
             continue
         experts = _EXPERTS.fullmatch(name)
+        if experts and stacked:
+            out[f"model.layers.{experts[1]}.mlp.experts.{experts[2]}"] = tensor.detach()
+            continue
         if not experts:
             out[_hf_name(name, model_type)] = tensor.detach()
             continue
@@ -598,6 +604,30 @@ def to_hf(
     transformers.GenerationConfig.from_model_config(config).save_pretrained(str(path))
     _write_safetensors(tensors, path, max_shard_bytes)
     return path
+
+
+def to_hf_model(model: nn.Module, spec: ModelSpec | RunSpec, **from_config_kwargs: Any) -> nn.Module:
+    """The transformers model (in memory, same weights, dtype and device) that `to_hf` would write;
+    `from_config_kwargs` go to `AutoModelForCausalLM.from_config` (attn_implementation,
+    experts_implementation)."""
+    spec = spec.model if isinstance(spec, RunSpec) else spec
+    if not isinstance(model, DecoderLM) or len(model.layers) != spec.n_layers:
+        raise SpecError(f"to_hf_model needs the DecoderLM built from this spec ({spec.n_layers} layers)")
+    fields = hf_config_dict(spec)
+    transformers = _transformers()
+    config = transformers.AutoConfig.for_model(**fields)
+    weight = model.embed.weight
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=weight.dtype, **from_config_kwargs)
+    hf_model.to(weight.device)
+    missing, unexpected = hf_model.load_state_dict(
+        _hf_tensors(model, spec, fields["model_type"], stacked=True), strict=False
+    )
+    missing = [name for name in missing if not (spec.tie_embeddings and name == "lm_head.weight")]
+    if missing or unexpected:
+        raise SpecError(f"to_hf_model: weights that do not map: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if spec.tie_embeddings:
+        hf_model.tie_weights()
+    return hf_model
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_bytes: int) -> None:

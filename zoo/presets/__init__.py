@@ -3,7 +3,7 @@
 `get(name)` returns a preset's spec; `get(name, tiny=True)` the same architecture at toy size.
 """
 
-from zoo.presets import core, exp1  # noqa: F401  (registers the presets)
+from zoo.presets import core, exp1, perf  # noqa: F401  (registers the presets)
 from zoo.presets.registry import describe_line, names, preset
 from zoo.presets.registry import get as _get
 from zoo.presets.tiny import tiny

@@ -1,0 +1,65 @@
+"""What the benchmarks share: timing on CPU or CUDA, medians, the device's peak, peak memory.
+
+Times are wall-clock seconds of one call, with the device synchronised before and after. Each
+benchmark alternates the things it compares, call by call, so that a machine that slows down
+(another process, thermal limits) slows every contender alike, and reports medians.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of `fn` takes."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def alternate(contenders: dict[str, Callable[[], object]], device: torch.device, *, warmup: int, reps: int,
+              progress: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """`warmup` untimed calls of each, then `reps` rounds calling each contender once in turn."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for rep in range(reps):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn, device))
+        if progress:
+            progress(rep + 1)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: list[float]) -> str:
+    """Median with the relative half-range of the middle half, e.g. '12.3 ms ±2%'."""
+    q1, _, q3 = statistics.quantiles(values, n=4) if len(values) >= 2 else (values[0],) * 3
+    mid = median(values)
+    return f"±{50 * (q3 - q1) / mid:.0f}%"
+
+
+def max_rss_bytes() -> int:
+    """This process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()

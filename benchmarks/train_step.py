@@ -1,0 +1,311 @@
+"""Train-step benchmark: the zoo against transformers' DeepseekV3ForCausalLM on the same workload.
+
+    python -m benchmarks.train_step --preset perf_w1            # W1 (perf_w2: W2), zoo vs transformers
+    python -m benchmarks.train_step --preset deepseek_glm4 --set train.micro_batch_size=4 --no-hf
+    python -m benchmarks.train_step --preset perf_w1 --profile prof.txt   # + an operator profile
+
+One train step is forward, backward and an optimizer step on one batch of micro_batch_size x
+data.seq_len random tokens. Both sides use torch's AdamW (fused where the device has it), so the
+comparison is of the models, not of Muon against Adam. "bf16" is autocast to bfloat16 over fp32
+weights (the weights, gradients and optimizer state stay fp32).
+
+1. transformers gets the zoo model's weights (`zoo.interop.hf.to_hf_model`); both compute the loss
+   of one batch in fp32 and must agree, or the benchmark stops: the two run the same workload.
+2. Probe: every candidate runs `--probe-steps` steps; transformers' candidates are each
+   experts_implementation x attn_implementation x {fp32, bf16 autocast}, the zoo's are {fp32, bf16};
+   --compile adds torch.compile for the zoo and for transformers' grouped_mm + SDPA. Each side's
+   fastest is kept.
+3. The two winners alternate, step by step, for `--reps` rounds after `--warmup` steps each;
+   medians are reported: tokens/s, model FLOPs per token (forward x 3, from `zoo describe`),
+   achieved FLOP/s, MFU against the measured matmul peak of the winner's dtype (`training.mfu`),
+   peak memory, and the speed ratio zoo / transformers.
+
+Each probe runs in a child process of its own, so that one which runs out of memory (transformers'
+batched_mm gathers a weight matrix per token) is reported and skipped, and so that peak memory is
+measurable: on CUDA the allocator's peak during the steps less what the model, optimizer and batch
+held before them; on CPU the growth of the resident set (the CPU allocator keeps no statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.common import alternate, current_rss_bytes, max_rss_bytes, median, spread, timed  # noqa: E402
+from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops  # noqa: E402
+from zoo import presets  # noqa: E402
+from zoo.builders import build  # noqa: E402
+from zoo.describe import describe  # noqa: E402
+from zoo.overrides import SpecError, apply_sets  # noqa: E402
+from zoo.specs import RunSpec  # noqa: E402
+
+HF_EXPERTS = ("eager", "batched_mm", "grouped_mm")
+HF_ATTENTION = ("eager", "sdpa")
+PRECISIONS = ("fp32", "bf16")
+LOSS_TOLERANCE = 1e-3  # fp32 loss of the same batch, zoo vs transformers
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    side: str  # "zoo" or "transformers"
+    precision: str  # "fp32" or "bf16" (autocast)
+    experts: str = ""  # transformers' experts_implementation
+    attention: str = ""  # transformers' attn_implementation
+    compile: bool = False  # torch.compile the model
+
+    @property
+    def label(self) -> str:
+        compiled = " compiled" if self.compile else ""
+        if self.side == "zoo":
+            return f"zoo {self.precision}{compiled}"
+        return f"transformers {self.precision} experts={self.experts} attn={self.attention}{compiled}"
+
+
+class Contender:
+    """A model, its optimizer and one batch: `step()` runs one train step and returns the loss."""
+
+    def __init__(self, candidate: Candidate, spec: RunSpec, device: torch.device, seed: int = 0):
+        self.candidate = candidate
+        torch.manual_seed(seed)
+        zoo_model = build(spec).to(device)
+        if candidate.side == "zoo":
+            self.model = torch.compile(zoo_model) if candidate.compile else zoo_model
+        else:
+            from zoo.interop.hf import to_hf_model
+
+            self.model = to_hf_model(zoo_model, spec, attn_implementation=candidate.attention,
+                                     experts_implementation=candidate.experts)
+            if candidate.compile:
+                self.model = torch.compile(self.model)
+            del zoo_model
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, **_fused_or_foreach(device))
+        generator = torch.Generator().manual_seed(seed)
+        shape = (spec.train.micro_batch_size, spec.data.seq_len)
+        self.ids = torch.randint(0, spec.model.vocab_size, shape, generator=generator).to(device)
+        self.device = device
+        self.loss_only = {"return_logits": False} if candidate.side == "zoo" else {}  # transformers has no such option
+        self.autocast = DTYPES[candidate.precision] if candidate.precision != "fp32" else None
+
+    def step(self) -> float:
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            loss = self.model(self.ids, labels=self.ids, **self.loss_only).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @torch.no_grad()
+    def fp32_loss(self) -> float:
+        """Cross-entropy of the batch in fp32, without an auxiliary loss."""
+        out = self.model(self.ids, labels=self.ids)
+        return float(getattr(out, "ce_loss", None) if getattr(out, "ce_loss", None) is not None else out.loss)
+
+
+def _fused_or_foreach(device: torch.device) -> dict:
+    return {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
+
+
+def candidates(args) -> tuple[list[Candidate], list[Candidate]]:
+    zoo = [Candidate("zoo", p, compile=c) for p in args.precisions for c in ((False, True) if args.compile else (False,))]
+    hf = [Candidate("transformers", p, experts=e, attention=a)
+          for p, e, a in itertools.product(args.precisions, args.hf_experts, args.hf_attention)]
+    if args.compile:  # compiling every transformers combination would take minutes each: its likeliest best
+        hf += [Candidate("transformers", p, experts="grouped_mm", attention="sdpa", compile=True) for p in args.precisions]
+    return zoo, (hf if args.hf else [])
+
+
+def check_same_workload(spec: RunSpec, device: torch.device) -> tuple[float, float]:
+    zoo = Contender(Candidate("zoo", "fp32"), spec, device)
+    hf = Contender(Candidate("transformers", "fp32", experts="eager", attention="sdpa"), spec, device)
+    zoo_loss, hf_loss = zoo.fp32_loss(), hf.fp32_loss()
+    if abs(zoo_loss - hf_loss) > LOSS_TOLERANCE:
+        raise SystemExit(f"error: the zoo's fp32 loss {zoo_loss:.6f} and transformers' {hf_loss:.6f} differ by "
+                         f"more than {LOSS_TOLERANCE}: the two models do not run the same workload")
+    return zoo_loss, hf_loss
+
+
+def probe(pool: list[Candidate], args, device: torch.device) -> list[dict]:
+    """Each candidate in a child process of its own (one that runs out of memory is reported, not
+    fatal): its best step time over `--probe-steps` steps after a warm-up step, and its peak memory."""
+    results = []
+    for candidate in pool:
+        command = [sys.executable, "-m", "benchmarks.train_step", "--preset", args.preset, "--device", str(device),
+                   "--probe-steps", str(args.probe_steps), "--child", json.dumps(asdict(candidate))]
+        command += [f"--set={s}" for s in args.sets]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode == 0:
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            shown = f"{row['seconds'] * 1e3:8.1f} ms  peak step memory {row['step_bytes'] / 2**20:6.0f} MiB"
+        else:
+            last = (done.stderr.strip().splitlines() or [""])[-1][:160]
+            killed = done.returncode < 0 or done.returncode == 137
+            row = {"error": "killed (out of memory?)" if killed else last}
+            shown = f"failed: {row['error']}"
+        results.append({"candidate": candidate, **row})
+        print(f"  probe {candidate.label:<48} {shown}", file=sys.stderr, flush=True)
+    return results
+
+
+def fastest(results: list[dict], side: str) -> dict | None:
+    ok = [r for r in results if r["candidate"].side == side and "seconds" in r]
+    return min(ok, key=lambda r: r["seconds"]) if ok else None
+
+
+def child(candidate_json: str, spec: RunSpec, device: torch.device, steps: int) -> None:
+    """One probe: build, warm up, time `steps` steps; print the best time and the step's peak memory."""
+    if device.type == "cpu":  # fail with an error rather than wake the kernel's OOM killer
+        available = _available_memory_bytes()
+        if available:
+            resource.setrlimit(resource.RLIMIT_DATA, (int(0.85 * available), resource.RLIM_INFINITY))
+    contender = Contender(Candidate(**json.loads(candidate_json)), spec, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = current_rss_bytes()
+    contender.step()  # warm-up: allocations, kernel choice, compilation
+    seconds = min(timed(contender.step, device) for _ in range(steps))
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss_bytes()
+    print(json.dumps({"seconds": seconds, "step_bytes": peak - before}))
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def profile(contender: Contender, path: Path, rows: int = 30) -> str:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if contender.device.type == "cuda" else [])
+    contender.step()
+    with torch_profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(2):
+            contender.step()
+    sort = "self_cuda_time_total" if contender.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    path.write_text(f"{contender.candidate.label}: 2 train steps\n{table}\n")
+    return table
+
+
+def report_line(label: str, seconds: list[float], tokens: int, flops_per_token: float, peak: float) -> dict:
+    step = median(seconds)
+    tps = tokens / step
+    achieved = tps * flops_per_token * TRAIN_FLOPS_PER_FORWARD_FLOP
+    return {"label": label, "step_ms": step * 1e3, "spread": spread(seconds), "tokens_per_s": tps,
+            "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="perf_w1")
+    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="sets")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", default="fp32,bf16", type=lambda s: s.split(","))
+    parser.add_argument("--compile", action="store_true",
+                        help="also probe torch.compile: the zoo, and transformers with grouped_mm experts and SDPA")
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="the zoo alone")
+    parser.add_argument("--hf-experts", default=",".join(HF_EXPERTS), type=lambda s: s.split(","))
+    parser.add_argument("--hf-attention", default=",".join(HF_ATTENTION), type=lambda s: s.split(","))
+    parser.add_argument("--probe-steps", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--profile", type=Path, help="write an operator profile of the zoo's winner here")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        spec = apply_sets(presets.get(args.preset), args.sets)
+    except (KeyError, SpecError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name in args.precisions:
+        if name not in PRECISIONS:
+            parser.error(f"--precisions: {name!r} is not one of {', '.join(PRECISIONS)}")
+    device = torch.device(args.device)
+    if args.child:
+        child(args.child, spec, device, args.probe_steps)
+        return 0
+
+    tokens = spec.train.micro_batch_size * spec.data.seq_len
+    flops_per_token = describe(spec, seq_len=spec.data.seq_len)["flops_per_token"]
+    print(f"{args.preset}: batch {spec.train.micro_batch_size} x {spec.data.seq_len} tokens, "
+          f"{flops_per_token / 1e6:.2f} MFLOP/token forward ({TRAIN_FLOPS_PER_FORWARD_FLOP}x for a train step), "
+          f"device {device.type}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    result: dict = {"preset": args.preset, "sets": args.sets, "tokens_per_step": tokens,
+                    "forward_flops_per_token": flops_per_token, "device": str(device)}
+    if args.hf:
+        zoo_loss, hf_loss = check_same_workload(spec, device)
+        print(f"same workload: fp32 loss of one batch, zoo {zoo_loss:.6f}, transformers {hf_loss:.6f}")
+        result["fp32_loss"] = {"zoo": zoo_loss, "transformers": hf_loss}
+
+    zoo_pool, hf_pool = candidates(args)
+    print("probing (best of %d steps after a warm-up):" % args.probe_steps, file=sys.stderr)
+    probes = probe(zoo_pool + hf_pool, args, device)
+    result["probes"] = [{"label": r["candidate"].label, **{k: v for k, v in r.items() if k != "candidate"}}
+                        for r in probes]
+    best = {side: fastest(probes, side) for side in ("zoo", "transformers")}
+    winners = {side: r["candidate"] for side, r in best.items() if r is not None}
+    if "zoo" not in winners:
+        print("error: no zoo candidate ran; see the probe lines above", file=sys.stderr)
+        return 1
+
+    contenders = {side: Contender(c, spec, device) for side, c in winners.items()}
+    print(f"alternating {' / '.join(c.label for c in winners.values())}: {args.warmup} warm-up + {args.reps} "
+          "timed steps each", file=sys.stderr)
+    times = alternate({side: c.step for side, c in contenders.items()}, device, warmup=args.warmup, reps=args.reps,
+                      progress=lambda r: print(f"  round {r}/{args.reps}", file=sys.stderr, flush=True))
+    rows = {}
+    for side, candidate in winners.items():
+        peak = peak_flops(DTYPES[candidate.precision], device)
+        rows[side] = report_line(candidate.label, times[side], tokens, flops_per_token, peak)
+        rows[side]["peak_step_memory_bytes"] = best[side]["step_bytes"]
+    result["results"] = rows
+
+    print(f"\n{'':<52}{'step ms':>9}{'':>6}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'mem MiB':>9}")
+    for row in rows.values():
+        memory = row.get("peak_step_memory_bytes")
+        print(f"{row['label']:<52}{row['step_ms']:>9.1f}{row['spread']:>6}{row['tokens_per_s']:>10,.0f}"
+              f"{row['achieved_flops'] / 1e9:>9.1f}{row['mfu']:>7.1%}" + (f"{memory / 2**20:>9.0f}" if memory else ""))
+    print(f"MFU against the measured {device.type} matmul peak of each row's dtype: "
+          + ", ".join(f"{p} {peak_flops(DTYPES[p], device) / 1e9:,.0f} GFLOP/s" for p in args.precisions))
+    if "transformers" in rows:
+        ratio = rows["transformers"]["step_ms"] / rows["zoo"]["step_ms"]
+        result["speedup"] = ratio
+        print(f"zoo / transformers speed: {ratio:.2f}x (median step times, {args.reps} alternating rounds)")
+    if args.profile:
+        table = profile(contenders["zoo"], args.profile)
+        print(f"\nprofile of {winners['zoo'].label} written to {args.profile}; top operators:\n"
+              + "\n".join(table.splitlines()[:16]))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    status = main()
+    print(f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    sys.exit(status)

@@ -1,0 +1,45 @@
+"""The benchmarks run end to end at toy size and report what they claim to measure."""
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks import moe_layer, train_step
+
+TOY = ["model.n_layers=1", "model.vocab_size=256", "data.seq_len=32", "train.micro_batch_size=2"]
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_compares_the_same_workload(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    argv = ["--preset", "perf_w1", *[f"--set={s}" for s in TOY], "--hf-experts", "eager", "--hf-attention", "sdpa",
+            "--probe-steps", "1", "--warmup", "1", "--reps", "2", "--json", str(out)]
+    assert train_step.main(argv) == 0
+    result = json.loads(out.read_text())
+    losses = result["fp32_loss"]
+    assert abs(losses["zoo"] - losses["transformers"]) < train_step.LOSS_TOLERANCE
+    assert len(result["probes"]) == 4 and all(p.get("seconds", 0) > 0 for p in result["probes"])
+    for side in ("zoo", "transformers"):
+        row = result["results"][side]
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_step_memory_bytes"] >= 0
+        assert row["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / (row["step_ms"] / 1e3))
+    assert result["speedup"] == pytest.approx(result["results"]["transformers"]["step_ms"]
+                                              / result["results"]["zoo"]["step_ms"])
+    assert "zoo / transformers speed" in capsys.readouterr().out
+
+
+def test_train_step_benchmark_rejects_a_bad_set(capsys):
+    assert train_step.main(["--preset", "perf_w1", "--set", "model.nosuch=1"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+
+
+def test_moe_layer_dispatchers_agree_with_the_fp32_reference():
+    args = argparse.Namespace(hf_experts=["eager", "grouped_mm"], warmup=0, reps=1)
+    rows = moe_layer.run(moe_layer.WORKLOADS["w1"], "bf16", args)
+    names = [r["name"] for r in rows]
+    assert names[:2] == ["zoo grouped_mm", "zoo loop"] and names[-1].startswith("dense")
+    for row in rows[:-1]:
+        assert row["ms"] > 0, row
+        out_err, dx_err = (float(part.split()[1]) for part in row["check"].split(", "))
+        assert out_err < 2e-2 and dx_err < 2e-2, row

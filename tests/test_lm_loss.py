@@ -1,0 +1,61 @@
+"""The fused LM-head cross-entropy against F.cross_entropy on materialised logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo import presets
+from zoo.builders import build
+import zoo.blocks.lm_loss as lm_loss
+from zoo.blocks.lm_loss import linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk_elements", [2**20, 300])  # one chunk; many chunks with a ragged last one
+def test_equals_cross_entropy_with_ignored_rows(chunk_elements, monkeypatch):
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    h = torch.randn(53, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (53,))
+    labels[::5] = -100
+    ref = F.cross_entropy(F.linear(h, w), labels, ignore_index=-100)
+    ref_grads = torch.autograd.grad(2.5 * ref, (h, w))
+    out = linear_cross_entropy(h, w, labels)
+    grads = torch.autograd.grad(2.5 * out, (h, w))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_matmuls_keep_an_fp32_weight_gradient():
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(32, 16, requires_grad=True)
+    labels = torch.randint(0, 32, (64,))
+    out = linear_cross_entropy(h, w, labels, dtype=torch.bfloat16)
+    out.backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    ref = F.cross_entropy(F.linear(h.detach(), w.detach()), labels)
+    assert abs(out.item() - ref.item()) < 2e-2 * ref.item()
+
+
+def test_all_rows_ignored_gives_nan_like_cross_entropy():
+    out = linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.full((4,), -100))
+    assert torch.isnan(out) and torch.isnan(F.cross_entropy(torch.randn(4, 10), torch.full((4,), -100)))
+
+
+@pytest.mark.parametrize("preset", ["deepseek_glm4", "baseline"])
+def test_model_loss_without_logits_equals_the_logits_path(preset):
+    """DecoderLM(return_logits=False) gives the loss and every gradient of the default path."""
+    torch.manual_seed(0)
+    model = build(presets.get(preset, tiny=True))
+    ids = torch.randint(0, model.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, 5] = -100
+    full = model(ids, labels=labels)
+    full_grads = torch.autograd.grad(full.loss, list(model.parameters()))
+    fused = model(ids, labels=labels, return_logits=False)
+    fused_grads = torch.autograd.grad(fused.loss, list(model.parameters()))
+    assert fused.logits is None and full.logits is not None
+    torch.testing.assert_close(fused.loss, full.loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
