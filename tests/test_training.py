@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from training.engine import lr_factor, optimizer_groups
+import zoo
+from training.engine import initialize, lr_factor, optimizer_groups, resolve_ds_config
 from zoo import presets
 from zoo.checkpoint import load_run_folder
+from zoo.overrides import with_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "training" / "run.py")]
@@ -123,6 +126,92 @@ def test_optimizer_groups_put_routers_embeddings_and_norms_on_adam():
     assert id(named["layers.0.attention_norm.weight"]) in groups["adam_no_decay"]
     assert named["layers.1.ffn.experts.down_proj"].is_expert_group
     assert sum(len(g) for g in groups.values()) == len(named)
+
+
+@pytest.fixture(scope="module")
+def one_rank(one_thread):
+    """The trainer's one-rank gloo group (training.engine.init_distributed), for engines built in this process;
+    yields the variables it sets (RANK, LOCAL_RANK, ...). They are set only while an engine runs: left
+    in the environment, they would make later `training/run.py` subprocesses take themselves for launched ranks."""
+    from training.engine import init_distributed
+
+    environ, threads, created = dict(os.environ), torch.get_num_threads(), not dist.is_initialized()
+    if created:
+        init_distributed()
+    torch.set_num_threads(threads)  # init_distributed gives a lone rank every core
+    launched = {k: v for k, v in os.environ.items() if environ.get(k) != v}
+    os.environ.clear()
+    os.environ.update(environ)
+    yield launched
+    if created:
+        dist.destroy_process_group()
+
+
+def _clip_spec(preset: str, stage: int, precision: str = "fp32", grad_clip: float = 1.0):
+    return with_changes(presets.get(preset, tiny=True), {"deepspeed.zero_stage": stage, "train.precision": precision,
+                                                         "train.grad_clip": grad_clip, "train.warmup_steps": 0})
+
+
+def _batches(spec, n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, spec.model.vocab_size, (2, 32), generator=g) for _ in range(n)]
+
+
+def _train_in_process(spec, batches, launched: dict[str, str]):
+    """The trainer's engine for `spec`, one optimizer step per batch: initial weights, final weights and
+    the gradient norm DeepSpeed reports after each step."""
+    torch.manual_seed(0)
+    model = zoo.build(spec)
+    initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    groups = optimizer_groups(model, spec)
+    for group in groups:
+        if group["use_muon"]:
+            # Newton-Schulz's "gram" variant runs in fp32 on a CPU (DeepSpeed's ns_compute_dtype), "standard" in
+            # bf16, which loses a scaled input's last bits: with it, clipped runs agree only to ~5%.
+            group["ns_method"] = "gram"
+    norms = []
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in launched.items():
+            env.setenv(key, value)
+        engine, _, _ = initialize(model, spec, groups, resolve_ds_config(spec, None, 1))
+        for batch in batches:
+            out = engine(batch, labels=batch)
+            engine.backward(out.loss)
+            engine.step()
+            norms.append(engine.get_global_grad_norm())
+    return initial, {n: p.detach().float() for n, p in engine.module.named_parameters()}, norms
+
+
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
+def test_reported_grad_norm_is_the_raw_gradient_norm(one_rank, stage, precision):
+    spec = _clip_spec("deepseek_glm4", stage, precision)
+    (batch,) = _batches(spec, 1)
+    torch.manual_seed(0)
+    reference = zoo.build(spec)
+    reference(batch, labels=batch).loss.backward()
+    raw = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in reference.parameters()])).item()
+    _, _, norms = _train_in_process(spec, [batch], one_rank)
+    # DeepSpeed took the norm after Newton-Schulz: ~40 here, the orthogonalised updates' norm. fp32 differs
+    # from the reference in summation order only; bf16 in its forward pass (8 mantissa bits, ~0.4%).
+    assert float(norms[0]) == pytest.approx(raw, rel=1e-5 if precision == "fp32" else 2e-2)
+
+
+@pytest.mark.filterwarnings("ignore:.*is deprecated:FutureWarning")  # DeepSpeed's ZeRO-3 calls renamed c10d ops
+@pytest.mark.parametrize("preset,stage", [("deepseek_glm4", 1), ("deepseek_glm4", 2), ("dense", 3)])
+def test_zero_stages_clip_before_newton_schulz_like_zero0(one_rank, preset, stage):
+    """Without a ZeRO optimizer DeepSpeed clips the raw gradients and MuonWithAuxAdam then orthogonalises them;
+    ZeRO 1-3 must take the same steps. grad_clip is below every step's gradient norm (~1.8 here), so the
+    clip acts at each step, and through Muon's momentum on the later steps' directions (without it the
+    Muon weights end ~1e-2 away; with the old order, which clipped the updates, several times smaller)."""
+    reference = _clip_spec(preset, 0, grad_clip=0.3)
+    batches = _batches(reference, 3)
+    initial, expected, _ = _train_in_process(reference, batches, one_rank)
+    _, got, norms = _train_in_process(_clip_spec(preset, stage, grad_clip=0.3), batches, one_rank)
+    for name in initial:
+        # The same fp32 arithmetic but for the clip coefficient's last bits (measured 1e-5 relative).
+        torch.testing.assert_close(got[name] - initial[name], expected[name] - initial[name], rtol=1e-3, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+    assert min(float(n) for n in norms) > 0.3
 
 
 def _write(path: Path, text: str) -> Path:
@@ -240,8 +329,13 @@ def test_expert_parallel_matches_data_parallel_through_the_trainer(cache_dir, tm
         assert proc.returncode == 0, (ep, proc.stderr[-3000:])
     a, b = scalars(tmp_path / "ep1", "train/loss"), scalars(tmp_path / "ep2", "train/loss")
     assert sorted(a) == sorted(b) == [1, 2, 3]
-    for step in a:  # fp32; only the order of the expert-output sums differs
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+    # fp32 and only the order of the sums differs, but Newton-Schulz runs in bf16 on a CPU ("standard"): after the
+    # first update the last-bit differences come back as bf16 roundings of Muon's update (3e-5 measured at step 3).
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=2e-4)
+    # The same gradients in two layouts: the raw norm counts every expert shard once in both.
+    norm1, norm2 = scalars(tmp_path / "ep1", "train/grad_norm"), scalars(tmp_path / "ep2", "train/grad_norm")
+    assert norm2[1] == pytest.approx(norm1[1], rel=1e-5)
     assert max(scalars(tmp_path / "ep2", "moe/routing_bias_rank_spread").values()) == 0.0
     # The run folder holds all experts, gathered from both ranks, and reloads as one model.
     model, _ = load_run_folder(tmp_path / "ep2")

@@ -31,8 +31,7 @@ from training.engine import (
     TrainingError,
     check_precision,
     init_distributed,
-    make_optimizer,
-    make_scheduler,
+    initialize,
     optimizer_groups,
     resolve_ds_config,
 )
@@ -203,9 +202,7 @@ def train(args: argparse.Namespace) -> int:
         groups = moe_param_groups(optimizer_groups(model, spec, env.device))
     else:
         groups = optimizer_groups(model, spec, env.device)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=make_optimizer(model, spec, groups), lr_scheduler=make_scheduler(spec), config=ds_config
-    )
+    engine, optimizer, scheduler = initialize(model, spec, groups, ds_config)
     if spec.train.compile:
         engine.compile()
 
@@ -248,7 +245,7 @@ def train(args: argparse.Namespace) -> int:
             sums, loads, stats = torch.zeros(3, dtype=torch.float64, device=env.device), {}, {}
             for micro in range(spec.train.grad_accum):
                 batch = next(train_batches).to(env.device)
-                result = engine(batch, labels=batch)
+                result = engine(batch, labels=batch, return_logits=False)
                 _check_finite(result.loss, step + 1, micro)
                 engine.backward(result.loss)
                 engine.step()
