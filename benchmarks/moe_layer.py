@@ -8,6 +8,7 @@ the same for every dispatcher, so they are left out) on T = 8 x 256 tokens of d_
 fixed routing for every contender:
 
   zoo grouped_mm        `dropless_dispatch(impl="grouped_mm")`: two torch._grouped_mm calls
+  zoo padded_bmm        `dropless_dispatch(impl="padded_bmm")`: experts padded to the largest count, two bmm
   zoo loop              `dropless_dispatch(impl="loop")`: one matmul pair per expert
   transformers <impl>   DeepseekV3Experts with experts_implementation eager / grouped_mm (batched_mm
                         with --hf-experts eager,grouped_mm,batched_mm: it copies an expert's weights
@@ -85,6 +86,8 @@ def contenders(w: Workload, dtype: torch.dtype, hf_impls: list[str]):
     weights = weights.to(dtype)
     out = {
         "zoo grouped_mm": (lambda x: dropless_dispatch(x, weights, experts, gate_up, down, impl="grouped_mm")[0],
+                           [gate_up, down]),
+        "zoo padded_bmm": (lambda x: dropless_dispatch(x, weights, experts, gate_up, down, impl="padded_bmm")[0],
                            [gate_up, down]),
         "zoo loop": (lambda x: dropless_dispatch(x, weights, experts, gate_up, down, impl="loop")[0],
                      [gate_up, down]),

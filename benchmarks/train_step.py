@@ -11,11 +11,13 @@ weights (the weights, gradients and optimizer state stay fp32).
 
 1. transformers gets the zoo model's weights (`zoo.interop.hf.to_hf_model`); both compute the loss
    of one batch in fp32 and must agree, or the benchmark stops: the two run the same workload.
-2. Probe: every candidate runs `--probe-steps` steps; transformers' candidates are each
-   experts_implementation x attn_implementation x {fp32, bf16 autocast}, the zoo's are {fp32, bf16};
+2. Probe: every candidate runs `--probe-steps` steps after a warm-up (1 step, 4 when compiled);
+   transformers' candidates are each experts_implementation x attn_implementation x {fp32, bf16
+   autocast}, the zoo's are {fp32, bf16};
    --compile adds torch.compile for the zoo and for transformers' grouped_mm + SDPA. Each side's
    fastest is kept.
-3. The two winners alternate, step by step, for `--reps` rounds after `--warmup` steps each;
+3. The two winners alternate, step by step, for `--reps` rounds after `--warmup` steps each (the
+   default 2 is raised to 4 for a compiled winner);
    medians are reported: tokens/s, model FLOPs per token (forward x 3, from `zoo describe`),
    achieved FLOP/s, MFU against the measured matmul peak of the winner's dtype (`training.mfu`),
    peak memory, and the speed ratio zoo / transformers.
@@ -55,7 +57,8 @@ from zoo.specs import RunSpec  # noqa: E402
 HF_EXPERTS = ("eager", "batched_mm", "grouped_mm")
 HF_ATTENTION = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16")
-LOSS_TOLERANCE = 1e-3  # fp32 loss of the same batch, zoo vs transformers
+LOSS_TOLERANCE = 1e-3
+COMPILED_WARMUP_STEPS = 4  # a compiled model's steps 2-4 still ran ~1.7x slower than later ones here  # fp32 loss of the same batch, zoo vs transformers
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -179,7 +182,8 @@ def child(candidate_json: str, spec: RunSpec, device: torch.device, steps: int) 
         before = torch.cuda.memory_allocated(device)
     else:
         before = current_rss_bytes()
-    contender.step()  # warm-up: allocations, kernel choice, compilation
+    for _ in range(COMPILED_WARMUP_STEPS if contender.candidate.compile else 1):
+        contender.step()  # warm-up: allocations, kernel choice, compilation
     seconds = min(timed(contender.step, device) for _ in range(steps))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss_bytes()
     print(json.dumps({"seconds": seconds, "step_bytes": peak - before}))
@@ -273,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     contenders = {side: Contender(c, spec, device) for side, c in winners.items()}
-    print(f"alternating {' / '.join(c.label for c in winners.values())}: {args.warmup} warm-up + {args.reps} "
+    warmup = max(args.warmup, COMPILED_WARMUP_STEPS if any(c.compile for c in winners.values()) else 0)
+    print(f"alternating {' / '.join(c.label for c in winners.values())}: {warmup} warm-up + {args.reps} "
           "timed steps each", file=sys.stderr)
-    times = alternate({side: c.step for side, c in contenders.items()}, device, warmup=args.warmup, reps=args.reps,
+    times = alternate({side: c.step for side, c in contenders.items()}, device, warmup=warmup, reps=args.reps,
                       progress=lambda r: print(f"  round {r}/{args.reps}", file=sys.stderr, flush=True))
     rows = {}
     for side, candidate in winners.items():

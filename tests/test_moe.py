@@ -46,7 +46,7 @@ def _loop_reference(x_TD, weights_TK, experts_TK, gate_up, down):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded_bmm"])
 def test_dropless_dispatch_equals_per_token_loop_outputs_and_gradients(impl):
     T, K, E = 37, 3, 6
     x = torch.randn(T, D, requires_grad=True)
@@ -67,7 +67,7 @@ def test_dropless_dispatch_equals_per_token_loop_outputs_and_gradients(impl):
     assert counts.tolist() == torch.bincount(experts.flatten(), minlength=E).tolist()
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded_bmm"])
 def test_dropless_dispatch_handles_unused_experts(impl):
     x = torch.randn(5, D)
     experts = torch.zeros(5, 1, dtype=torch.long)  # everything to expert 0 of 4
@@ -77,10 +77,11 @@ def test_dropless_dispatch_handles_unused_experts(impl):
     torch.testing.assert_close(y, _loop_reference(x, torch.ones(5, 1), experts, gate_up, down), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "padded_bmm"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-tensors", "fp32-under-autocast"])
-def test_bf16_grouped_mm_dispatch_is_chosen_and_tracks_the_fp32_reference(autocast, monkeypatch):
-    """bf16 (or autocast to it) takes torch._grouped_mm on CPU; it agrees with the fp32 loop to bf16
-    precision, gradients included, and fp32 gradients reach fp32 weights under autocast."""
+def test_bf16_dispatch_tracks_the_fp32_reference(impl, autocast):
+    """bf16 (or autocast to it) agrees with the fp32 loop to bf16 precision, gradients included, and
+    fp32 gradients reach fp32 weights under autocast."""
     T, K, E = 64, 2, 4
     x32 = torch.randn(T, D)
     gate_up32, down32 = torch.randn(E, 2 * F_HIDDEN, D) * 0.2, torch.randn(E, D, F_HIDDEN) * 0.2
@@ -89,21 +90,14 @@ def test_bf16_grouped_mm_dispatch_is_chosen_and_tracks_the_fp32_reference(autoca
     leaves32 = [t.clone().requires_grad_() for t in (x32, weights32, gate_up32, down32)]
     y32, _ = dropless_dispatch(leaves32[0], leaves32[1], experts, *leaves32[2:], impl="loop")
     grads32 = torch.autograd.grad(y32.square().sum(), leaves32)
-
-    import zoo.blocks.moe as moe_mod
-
-    chosen = []
-    real = moe_mod._experts_grouped_mm
-    monkeypatch.setattr(moe_mod, "_experts_grouped_mm", lambda *a: chosen.append(True) or real(*a))
     if autocast:
         leaves = [t.clone().requires_grad_() for t in (x32, weights32, gate_up32, down32)]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, _ = dropless_dispatch(leaves[0], leaves[1], experts, *leaves[2:])
+            y, _ = dropless_dispatch(leaves[0], leaves[1], experts, *leaves[2:], impl=impl)
     else:
         leaves = [t.to(torch.bfloat16).requires_grad_() for t in (x32, weights32, gate_up32, down32)]
-        y, _ = dropless_dispatch(leaves[0], leaves[1], experts, *leaves[2:])
+        y, _ = dropless_dispatch(leaves[0], leaves[1], experts, *leaves[2:], impl=impl)
     grads = torch.autograd.grad(y.float().square().sum(), leaves)
-    assert chosen, "bf16 compute on CPU did not take the grouped_mm path"
     assert y.dtype == leaves[0].dtype and all(g.dtype == t.dtype for g, t in zip(grads, leaves))
 
     def rel(a, b):
@@ -112,6 +106,20 @@ def test_bf16_grouped_mm_dispatch_is_chosen_and_tracks_the_fp32_reference(autoca
     assert rel(y.detach(), y32.detach()) < 2e-2
     for g, g32 in zip(grads, grads32):
         assert rel(g, g32) < 3e-2
+
+
+def test_auto_dispatch_choice():
+    """fp32 on CPU: the loop; bf16: padded_bmm while experts are balanced, grouped_mm when padding
+    would waste more than PADDING_LIMIT, and under torch.compile (no host sync there)."""
+    import zoo.blocks.moe as moe_mod
+
+    x32, x16 = torch.randn(8, D), torch.randn(8, D).to(torch.bfloat16)
+    balanced, skewed = torch.tensor([4, 4, 4, 4]), torch.tensor([13, 1, 1, 1])
+    assert moe_mod._auto_impl(x32, balanced) == "loop"
+    assert moe_mod._auto_impl(x16, balanced) == "padded_bmm"
+    assert moe_mod._auto_impl(x16, skewed) == "grouped_mm"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moe_mod._auto_impl(x32, balanced) == "padded_bmm"
 
 
 def _sigmoid_router(**kw):
