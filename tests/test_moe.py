@@ -109,15 +109,19 @@ def test_bf16_dispatch_tracks_the_fp32_reference(impl, autocast):
 
 
 def test_auto_dispatch_choice():
-    """fp32 on CPU: the loop; bf16: padded_bmm while experts are balanced, grouped_mm when padding
-    would waste more than PADDING_LIMIT, and under torch.compile (no host sync there)."""
+    """fp32 on CPU: the loop; bf16 on CPU: padded_bmm while padding wastes little (more allowed for
+    small experts), else grouped_mm."""
     import zoo.blocks.moe as moe_mod
 
     x32, x16 = torch.randn(8, D), torch.randn(8, D).to(torch.bfloat16)
-    balanced, skewed = torch.tensor([4, 4, 4, 4]), torch.tensor([13, 1, 1, 1])
+    rows = moe_mod.SMALL_EXPERT_ROWS
+    balanced, skewed = torch.tensor([4, 4, 4, 4]) * rows, torch.tensor([13, 1, 1, 1]) * rows
+    small_skewed = torch.tensor([40, 10, 10, 10])  # 70 rows over 4 experts: padding 2.3x is still worth it
     assert moe_mod._auto_impl(x32, balanced) == "loop"
     assert moe_mod._auto_impl(x16, balanced) == "padded_bmm"
     assert moe_mod._auto_impl(x16, skewed) == "grouped_mm"
+    assert moe_mod._auto_impl(x16, small_skewed) == "padded_bmm"
+    assert moe_mod._auto_impl(x16, torch.tensor([100, 1, 1, 1, 1, 1, 1, 1])) == "grouped_mm"  # 7.5x padding
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert moe_mod._auto_impl(x32, balanced) == "padded_bmm"
 
