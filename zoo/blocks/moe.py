@@ -105,7 +105,7 @@ def _experts_padded_bmm(x_AD, counts_E, gate_up_E2FD, down_EDF) -> torch.Tensor:
     W2's 64 experts x 192 rows x 384 x 256: 20 against 34 ms forward + backward). C needs the
     counts on the host: one sync, and a graph break under torch.compile."""
     E, A = counts_E.numel(), x_AD.shape[0]
-    C = int(counts_E.max())
+    C = _on_host(counts_E.max())
     starts_E = counts_E.cumsum(0) - counts_E
     expert_A = torch.repeat_interleave(torch.arange(E, device=x_AD.device), counts_E, output_size=A)
     slot_A = expert_A * C + torch.arange(A, device=x_AD.device) - starts_E[expert_A]
@@ -121,6 +121,11 @@ SMALL_EXPERT_ROWS = 256  # below this many rows per expert, torch._grouped_mm's 
 PADDING_LIMIT = {True: 4.0, False: 1.25}  # small experts? -> most padded rows per assignment worth it
 
 
+@torch.compiler.disable  # a deliberate graph break under torch.compile, without dynamo's warning
+def _on_host(t: torch.Tensor) -> int:
+    return int(t)
+
+
 def _auto_impl(x_TD: torch.Tensor, counts_E: torch.Tensor) -> str:
     """bf16 (or autocast to it): on CPU the padded batched matmul while padding the experts to the
     largest count wastes little (at most 1.25x the assignments, or 4x when experts average under
@@ -134,9 +139,9 @@ def _auto_impl(x_TD: torch.Tensor, counts_E: torch.Tensor) -> str:
     if not _grouped_mm_available(x_TD):
         return "loop"
     if x_TD.device.type == "cpu":
-        assignments = int(counts_E.sum())
+        assignments = _on_host(counts_E.sum())
         small = assignments < SMALL_EXPERT_ROWS * counts_E.numel()
-        if counts_E.numel() * int(counts_E.max()) <= PADDING_LIMIT[small] * assignments:
+        if counts_E.numel() * _on_host(counts_E.max()) <= PADDING_LIMIT[small] * assignments:
             return "padded_bmm"
     return "grouped_mm"
 
