@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.precisions:
         if name not in PRECISIONS:
             parser.error(f"--precisions: {name!r} is not one of {', '.join(PRECISIONS)}")
+    for path in (args.json, args.profile):
+        if path is not None and not path.parent.is_dir():
+            print(f"error: {path}: directory {path.parent} does not exist", file=sys.stderr)
+            return 2
     device = torch.device(args.device)
     if args.child:
         child(args.child, spec, device, args.probe_steps)
@@ -261,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"preset": args.preset, "sets": args.sets, "tokens_per_step": tokens,
                     "forward_flops_per_token": flops_per_token, "device": str(device)}
     if args.hf:
-        zoo_loss, hf_loss = check_same_workload(spec, device)
+        try:
+            zoo_loss, hf_loss = check_same_workload(spec, device)
+        except SpecError as err:
+            print(f"error: transformers cannot run this spec: {err}; use --no-hf for the zoo alone", file=sys.stderr)
+            return 2
         print(f"same workload: fp32 loss of one batch, zoo {zoo_loss:.6f}, transformers {hf_loss:.6f}")
         result["fp32_loss"] = {"zoo": zoo_loss, "transformers": hf_loss}
 

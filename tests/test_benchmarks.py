@@ -29,9 +29,16 @@ def test_train_step_benchmark_compares_the_same_workload(tmp_path, capsys):
     assert "zoo / transformers speed" in capsys.readouterr().out
 
 
-def test_train_step_benchmark_rejects_a_bad_set(capsys):
-    assert train_step.main(["--preset", "perf_w1", "--set", "model.nosuch=1"]) == 2
-    assert "nosuch" in capsys.readouterr().err
+@pytest.mark.parametrize("argv,words", [
+    (["--preset", "perf_w1", "--set", "model.nosuch=1"], "nosuch"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "perf_w1", "--json", "/nonexistent/dir/r.json"], "does not exist"),
+    (["--preset", "baseline", "--set", "model.n_layers=1"], "--no-hf"),  # a softmax router: no HF format
+])
+def test_train_step_benchmark_bad_input_is_one_line_exit_2(argv, words, capsys):
+    assert train_step.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_moe_layer_dispatchers_agree_with_the_fp32_reference():
