@@ -172,7 +172,10 @@ def dropless_dispatch(
 
     if impl == "auto":
         impl = _auto_impl(x_TD, counts_E)
-    run = {"grouped_mm": _experts_grouped_mm, "loop": _experts_loop, "padded_bmm": _experts_padded_bmm}[impl]
+    runs = {"grouped_mm": _experts_grouped_mm, "loop": _experts_loop, "padded_bmm": _experts_padded_bmm}
+    if impl not in runs:
+        raise ValueError(f"dropless_dispatch: impl {impl!r} is not one of auto, {', '.join(runs)}")
+    run = runs[impl]
     out_AD = run(x_AD, counts_E, gate_up_E2FD, down_EDF)
 
     out_TKD = _Permute.apply(out_AD, inverse_A, order_A).unflatten(0, (T, K))  # back to token order
