@@ -63,3 +63,17 @@ def max_rss_bytes() -> int:
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def measured_cuda_peak(dtype: torch.dtype, device: torch.device, size: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of a square `size` matmul in `dtype` on a CUDA device: the mean of `reps` after 3 warm-ups."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    synchronize(device)
+    return 2 * size**3 * reps / (time.perf_counter() - start)

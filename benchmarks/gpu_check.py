@@ -592,9 +592,10 @@ def section_train(args) -> None:
 def section_trainstep(args) -> None:
     import json
 
-    out = Path(args.train_out + "_trainstep.json")
+    out, profile = Path(args.train_out + "_trainstep.json"), Path(args.train_out + "_trainstep_profile.txt")
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--preset", TRAIN_PRESET, "--precisions", "bf16",
-           "--hf-experts", "grouped_mm", "--hf-attention", "sdpa", "--reps", "10", "--json", str(out)]
+           "--hf-experts", "grouped_mm", "--hf-attention", "sdpa", "--reps", "10", "--json", str(out),
+           "--profile", str(profile)]
     cmd += ["--set", f"train.micro_batch_size={args.micro_batch}"] + (["--compile"] if args.compile else [])
     say("  $ " + " ".join(["python", *cmd[1:]]))
     try:
@@ -613,9 +614,11 @@ def section_trainstep(args) -> None:
         memory = row.get("peak_step_memory_bytes") or 0
         note(f"trainstep {TRAIN_PRESET} batch {args.micro_batch}x1024: {row['label']}: {row['step_ms']:.0f} ms/step, "
              f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%} (of {row['peak_flops'] / 1e12:.0f} TFLOP/s), "
-             f"step memory {memory / 2**30:.1f} GiB")
+             f"{row.get('mfu_measured_peak', float('nan')):.1%} of the measured peak, step memory {memory / 2**30:.1f} GiB")
     if "speedup" in result:
         note(f"trainstep: zoo / transformers speed {result['speedup']:.2f}x")
+    if profile.exists():
+        note(f"trainstep profile ({profile}): " + profile.read_text().splitlines()[0])
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -623,9 +626,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--train-steps", type=int, default=40)
-    p.add_argument("--train-timeout", type=int, default=150, help="seconds before the trainer is killed")
-    p.add_argument("--pytest-timeout", type=int, default=120)
-    p.add_argument("--trainstep-timeout", type=int, default=180)
+    p.add_argument("--train-timeout", type=int, default=100, help="seconds before the trainer is killed")
+    p.add_argument("--pytest-timeout", type=int, default=60)
+    p.add_argument("--trainstep-timeout", type=int, default=300)
     p.add_argument("--micro-batch", type=int, default=None, help="default: 32 on GPUs with >= 100 GiB, else 16 (seq 1024)")
     p.add_argument("--train-out", default="/tmp/gpu_check_run")
     p.add_argument("--compile", action="store_true", help="train with --set train.compile=true")

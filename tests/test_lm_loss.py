@@ -12,7 +12,7 @@ from zoo.blocks.lm_loss import linear_cross_entropy
 
 @pytest.mark.parametrize("chunk_elements", [2**20, 300])  # one chunk; many chunks with a ragged last one
 def test_equals_cross_entropy_with_ignored_rows(chunk_elements, monkeypatch):
-    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", {"cpu": chunk_elements})
     torch.manual_seed(0)
     h = torch.randn(53, 16, requires_grad=True)
     w = torch.randn(40, 16, requires_grad=True)

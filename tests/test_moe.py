@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import zoo
 from zoo.blocks.mlp import SwiGLU
 from zoo.blocks.moe import MoE, dropless_dispatch
+import zoo.blocks.moe as moe_mod
 from zoo.blocks.routers import SigmoidGroupTopKRouter, SoftmaxTopKRouter
 from zoo.specs import MHASpec, ModelSpec, MoESpec, SigmoidGroupTopKRouterSpec
 
@@ -111,7 +112,6 @@ def test_bf16_dispatch_tracks_the_fp32_reference(impl, autocast):
 def test_auto_dispatch_choice():
     """fp32 on CPU: the loop; bf16 on CPU: padded_bmm while padding wastes little (more allowed for
     small experts), else grouped_mm."""
-    import zoo.blocks.moe as moe_mod
 
     x32, x16 = torch.randn(8, D), torch.randn(8, D).to(torch.bfloat16)
     rows = moe_mod.SMALL_EXPERT_ROWS
@@ -229,3 +229,21 @@ def test_model_reports_router_stats_and_updates_biases():
     bias = model.layers[0].ffn.router.e_score_correction_bias
     expected = 0.1 * torch.sign(loads[0].mean() - loads[0])
     torch.testing.assert_close(bias, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_forms_agree(dtype):
+    """The CPU (bmm) and CUDA (multiply and sum) forms of the weighted sum over K, values and grads."""
+    torch.manual_seed(0)
+    out = torch.randn(37, 6, 24, dtype=dtype, requires_grad=True)
+    weights = torch.rand(37, 6, requires_grad=True)
+    results = []
+    for bmm in (True, False):
+        y = moe_mod._combine(out, weights, bmm=bmm)
+        grads = torch.autograd.grad((y.float() * torch.linspace(-1, 1, 24)).sum(), (out, weights))
+        results.append((y, *grads))
+    reference = (out.float() * weights.unsqueeze(-1)).sum(1)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    torch.testing.assert_close(results[1][0].float(), reference, **tol)
