@@ -8,7 +8,8 @@ Sections (each fails on its own, with one line, and the rest still run):
             and an fp32 reference, timings; for MLA with qk dim != v dim also the padded-v variant
   grouped   `dropless_dispatch`'s torch._grouped_mm path (CUDA bf16) against the per-expert loop
             (bf16) and an fp32 loop reference, forward and backward, and both timed
-  pytest    tests/test_moe.py tests/test_attention.py (CPU tests) under this machine's torch
+  pytest    tests/test_devices.py (the CUDA paths against fp32 references), tests/test_moe.py and
+            tests/test_attention.py under this machine's torch
   trainstep benchmarks/train_step.py on perf_0p5b (~0.5B total parameters) in bf16: the zoo against
             transformers' DeepseekV3ForCausalLM (grouped_mm experts, SDPA), tokens/s, MFU, memory
   train     the real trainer (training/run.py, DeepSpeed, ZeRO-1, bf16) at ~0.5B total parameters:
@@ -401,7 +402,8 @@ def section_grouped(args) -> None:
 
 # ------------------------------------------------------------------------------------------ pytest
 def section_pytest(args) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_moe.py", "tests/test_attention.py"]
+    files = ["tests/test_devices.py", "tests/test_moe.py", "tests/test_attention.py"]  # test_devices: the CUDA paths
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
     say("  $ " + " ".join(cmd[1:]))
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.pytest_timeout,
@@ -413,7 +415,7 @@ def section_pytest(args) -> None:
     for line in tail[-15:]:
         say("      " + line)
     summary = tail[-1] if tail else proc.stderr.strip().splitlines()[-1:]
-    note(f"pytest tests/test_moe.py tests/test_attention.py: exit {proc.returncode}: {summary}")
+    note(f"pytest {' '.join(files)}: exit {proc.returncode}: {summary}")
 
 
 def _pythonpath() -> str:
