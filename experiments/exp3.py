@@ -18,11 +18,10 @@ from zoo.presets.core import ACTIVE_FFN_HIDDEN
 
 N_EXPERTS = (4, 8, 16)
 TOP_K = (1, 2, 4)
-# The project default, and the best of exp2's sweep (MLA + dense MLP), chosen before 7aa0e47 fixed ZeRO-1
-# dividing every Muon update by a norm of ~100-230 here (see results/exp3/README.md): after the fix 1.28
-# is ~100x too high. Kept because the committed results use it; re-centre this grid near exp2's best
-# (~0.01 expected) after rerunning exp2.
-MUON_LRS = (0.02, 1.28)
+# exp2's best (0.02, the project default) and the value one halving below it (0.01, within 0.012 of it):
+# both in the flat region of exp2's curve, where 0.04 is already 0.088 worse. Before 7aa0e47, ZeRO-1
+# divided every Muon update by a norm of ~100-230 here, and this grid was (0.02, 1.28).
+MUON_LRS = (0.01, 0.02)
 N_SHARED = 1  # the GLM-4.5 MoE's shared expert, as wide as a routed one
 
 

@@ -247,3 +247,24 @@ def test_combine_forms_agree(dtype):
     for a, b in zip(*results):
         torch.testing.assert_close(a.float(), b.float(), **tol)
     torch.testing.assert_close(results[1][0].float(), reference, **tol)
+
+
+def test_misaligned_expert_widths_never_take_grouped_mm():
+    """torch._grouped_mm needs 16-byte rows: in bf16 a 41-wide expert (exp3's 341 and 205 alike) on
+    skewed loads, where grouped_mm would otherwise be chosen, runs the loop and still tracks fp32;
+    asking for grouped_mm by name is a ValueError naming the widths."""
+    torch.manual_seed(0)
+    T, K, E, F_odd = 64, 2, 16, 41
+    x, weights = torch.randn(T, D), torch.rand(T, K)
+    gate_up, down = torch.randn(E, 2 * F_odd, D) * 0.2, torch.randn(E, D, F_odd) * 0.2
+    experts = torch.stack([torch.tensor([0, 1 + t % 15]) for t in range(T)])  # expert 0 takes every token
+    skewed = torch.bincount(experts.reshape(-1), minlength=E)
+    assert moe_mod._auto_impl(x.bfloat16(), skewed, aligned=True) == "grouped_mm"
+    assert moe_mod._auto_impl(x.bfloat16(), skewed, aligned=False) == "loop"
+    assert not moe_mod._grouped_mm_aligned(torch.bfloat16, D, F_odd) and moe_mod._grouped_mm_aligned(torch.bfloat16, D, 48)
+    y32, _ = dropless_dispatch(x, weights, experts, gate_up, down, impl="loop")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = dropless_dispatch(x, weights, experts, gate_up, down)
+    assert ((y.float() - y32).norm() / y32.norm()).item() < 2e-2
+    with pytest.raises(ValueError, match="multiples of 8.*41"):
+        dropless_dispatch(x.bfloat16(), weights, experts, gate_up.bfloat16(), down.bfloat16(), impl="grouped_mm")

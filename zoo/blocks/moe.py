@@ -47,6 +47,16 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
             and hasattr(torch, "_grouped_mm"))
 
 
+GROUPED_MM_ALIGNMENT = 16  # bytes: torch._grouped_mm wants every row stride a multiple of this (CPU and CUDA)
+
+
+def _grouped_mm_aligned(dtype: torch.dtype, d_model: int, d_expert: int) -> bool:
+    """Whether the expert matrices' rows meet torch._grouped_mm's stride alignment in `dtype`
+    (in bf16: d_model and d_expert multiples of 8; 341 or 205 wide experts are not)."""
+    elements = GROUPED_MM_ALIGNMENT // dtype.itemsize
+    return d_model % elements == 0 and d_expert % elements == 0
+
+
 class _GatherRows(torch.autograd.Function):
     """Rows `index` of x (A, D) from x (T, D), each row of x taken `K` times in all; `inverse` is the
     position of assignment t*K+k in `index`'s order. The backward gathers as well (and sums the K
@@ -128,11 +138,12 @@ def _on_host(t: torch.Tensor) -> int:
     return int(t)
 
 
-def _auto_impl(x_TD: torch.Tensor, counts_E: torch.Tensor) -> str:
+def _auto_impl(x_TD: torch.Tensor, counts_E: torch.Tensor, aligned: bool = True) -> str:
     """bf16 (or autocast to it): on CPU the padded batched matmul while padding the experts to the
     largest count wastes little (at most 1.25x the assignments, or 4x when experts average under
     256 rows: grouped_mm's per-expert matmuls are then small and slow), else torch._grouped_mm;
-    on CUDA always grouped_mm (no host sync). fp32 on CPU: the per-expert loop.
+    on CUDA always grouped_mm (no host sync). fp32 on CPU: the per-expert loop. Where the expert
+    widths miss grouped_mm's alignment (`aligned` False), the per-expert loop instead of it.
 
     Measured on the train step (bf16 autocast, 2 CPU cores): W2 (192 rows per expert, padding
     1.7-3.5x at init) 862 against 1173 ms a step eager, 655 against 908 ms compiled; W1 (512 rows)
@@ -145,7 +156,7 @@ def _auto_impl(x_TD: torch.Tensor, counts_E: torch.Tensor) -> str:
         small = assignments < SMALL_EXPERT_ROWS * counts_E.numel()
         if counts_E.numel() * _on_host(counts_E.max()) <= PADDING_LIMIT[small] * assignments:
             return "padded_bmm"
-    return "grouped_mm"
+    return "grouped_mm" if aligned else "loop"
 
 
 def dropless_dispatch(
@@ -175,11 +186,18 @@ def dropless_dispatch(
     counts_E = bounds_E1.diff()
     x_AD = _GatherRows.apply(x_TD, order_A // K, inverse_A, K)  # (A, D), sorted by expert
 
+    dtype, d_expert = compute_dtype(x_TD), down_EDF.shape[-1]
+    aligned = _grouped_mm_aligned(dtype, x_TD.shape[-1], d_expert)
     if impl == "auto":
-        impl = _auto_impl(x_TD, counts_E)
+        impl = _auto_impl(x_TD, counts_E, aligned)
     runs = {"grouped_mm": _experts_grouped_mm, "loop": _experts_loop, "padded_bmm": _experts_padded_bmm}
     if impl not in runs:
         raise ValueError(f"dropless_dispatch: impl {impl!r} is not one of auto, {', '.join(runs)}")
+    if impl == "grouped_mm" and not aligned:
+        elements = GROUPED_MM_ALIGNMENT // dtype.itemsize
+        raise ValueError(f"dropless_dispatch: grouped_mm needs d_model and d_expert to be multiples of {elements} in "
+                         f"{dtype} ({GROUPED_MM_ALIGNMENT}-byte rows), got {x_TD.shape[-1]} and {d_expert}; "
+                         "use impl 'padded_bmm' or 'loop'")
     run = runs[impl]
     out_AD = run(x_AD, counts_E, gate_up_E2FD, down_EDF)
 
