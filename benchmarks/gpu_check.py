@@ -111,12 +111,13 @@ def section_env(args) -> None:
 def section_matmul(args) -> None:
     import torch
 
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = cuda_time_ms(lambda: torch.mm(a, b), warmup=3, reps=10)
-    note(f"matmul bf16 {n}^3: {2 * n**3 / (ms * 1e-3) / 1e12:.0f} TFLOP/s ({ms:.2f} ms mean of 10 after 3 warm-ups, random data)")
+    from benchmarks.common import measured_cuda_peak
     from training.mfu import peak_flops
+
+    n = 8192
+    flops = measured_cuda_peak(torch.bfloat16, torch.device("cuda"), size=n, reps=10)
+    note(f"matmul bf16 {n}^3: {flops / 1e12:.0f} TFLOP/s ({2 * n**3 / flops * 1e3:.2f} ms mean of 10 after 3 warm-ups, "
+         "random data)")
 
     note(f"trainer's MFU peak for this GPU: {peak_flops(torch.bfloat16, torch.device('cuda')) / 1e12:.0f} TFLOP/s (training/mfu.py)")
 

@@ -213,7 +213,9 @@ def _combine(out_TKD: torch.Tensor, weights_TK: torch.Tensor, bmm: bool | None =
     T = 32k, K = 6, D = 1024 on an H200), so there it is a multiply and a sum, which torch.compile
     fuses with the permutation before it. `bmm`: force one form (default: by device)."""
     weights_TK = weights_TK.to(out_TKD.dtype)
-    if bmm if bmm is not None else out_TKD.device.type == "cpu":
+    if bmm is None:
+        bmm = out_TKD.device.type == "cpu"
+    if bmm:
         return torch.bmm(weights_TK.unsqueeze(1), out_TKD).squeeze(1)
     return (out_TKD * weights_TK.unsqueeze(-1)).sum(dim=1)
 
