@@ -8,7 +8,7 @@ the same for every dispatcher, so they are left out) on T = 8 x 256 tokens of d_
 fixed routing for every contender:
 
   zoo grouped_mm        `dropless_dispatch(impl="grouped_mm")`: two torch._grouped_mm calls
-  zoo padded_bmm        `dropless_dispatch(impl="padded_bmm")`: experts padded to the largest count, two bmm
+  zoo padded_bmm        `dropless_dispatch(impl="padded_bmm")`: experts sorted by count, padded per bucket, bmm
   zoo loop              `dropless_dispatch(impl="loop")`: one matmul pair per expert
   transformers <impl>   DeepseekV3Experts with experts_implementation eager / grouped_mm (batched_mm
                         with --hf-experts eager,grouped_mm,batched_mm: it copies an expert's weights

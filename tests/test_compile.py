@@ -28,7 +28,7 @@ def test_whole_model_is_one_graph_with_grouped_gemm_dispatch(preset, dynamo, mon
     keeps the expert counts on the device. CPU's padded dispatch breaks the graph once per MoE layer."""
     import zoo.blocks.moe as moe_mod
 
-    monkeypatch.setattr(moe_mod, "_auto_impl", lambda x, counts, aligned=True: "grouped_mm")
+    monkeypatch.setattr(moe_mod, "_auto_impl", lambda x, counts, aligned=True: ("grouped_mm", None))
     model = build(presets.get(preset, tiny=True))
     ids = torch.randint(0, model.vocab_size, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):

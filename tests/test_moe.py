@@ -110,20 +110,58 @@ def test_bf16_dispatch_tracks_the_fp32_reference(impl, autocast):
 
 
 def test_auto_dispatch_choice():
-    """fp32 on CPU: the loop; bf16 on CPU: padded_bmm while padding wastes little (more allowed for
-    small experts), else grouped_mm."""
+    """fp32 on CPU: the loop; bf16 on CPU: padded_bmm while padding (per bucket of experts sorted by
+    count) wastes little, more allowed for small experts, else grouped_mm."""
+
+    def choice(x, counts):
+        impl, plan = moe_mod._auto_impl(x, counts)
+        assert (plan is not None) == (impl == "padded_bmm")
+        return impl
 
     x32, x16 = torch.randn(8, D), torch.randn(8, D).to(torch.bfloat16)
     rows = moe_mod.SMALL_EXPERT_ROWS
     balanced, skewed = torch.tensor([4, 4, 4, 4]) * rows, torch.tensor([13, 1, 1, 1]) * rows
     small_skewed = torch.tensor([40, 10, 10, 10])  # 70 rows over 4 experts: padding 2.3x is still worth it
-    assert moe_mod._auto_impl(x32, balanced) == "loop"
-    assert moe_mod._auto_impl(x16, balanced) == "padded_bmm"
-    assert moe_mod._auto_impl(x16, skewed) == "grouped_mm"
-    assert moe_mod._auto_impl(x16, small_skewed) == "padded_bmm"
-    assert moe_mod._auto_impl(x16, torch.tensor([100, 1, 1, 1, 1, 1, 1, 1])) == "grouped_mm"  # 7.5x padding
+    assert choice(x32, balanced) == "loop"
+    assert choice(x16, balanced) == "padded_bmm"
+    assert choice(x16, skewed) == "grouped_mm"
+    assert choice(x16, small_skewed) == "padded_bmm"
+    # two loads of large experts: 1.33x padded to the overall largest count, 1.0x in two buckets of 4
+    assert choice(x16, torch.tensor([500, 1000, 500, 1000, 500, 1000, 500, 1000])) == "padded_bmm"
+    one_hot = torch.zeros(64, dtype=torch.long)
+    one_hot[5] = 1000  # 64 small experts, one of them used: a bucket of 16 padded to 1000 rows, 16x
+    assert choice(x16, one_hot) == "grouped_mm"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert moe_mod._auto_impl(x32, balanced) == "padded_bmm"
+        assert choice(x32, balanced) == "padded_bmm"
+
+
+def test_bucket_plan_pads_each_bucket_to_its_own_largest_count():
+    counts = torch.tensor([3, 90, 7, 50, 0, 64, 20, 1, 33, 12])  # 10 experts: 3 buckets of 4, 4, 2
+    plan = moe_mod._plan_buckets(counts.sort(descending=True).values)
+    assert plan.per_bucket == 4 and plan.sizes() == [4, 4, 2]
+    assert plan.caps == (90, 20, 1) and plan.assignments == 280
+    assert plan.padded_rows() == 4 * 90 + 4 * 20 + 2 * 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_dispatch_with_empty_buckets_matches_the_loop(dtype):
+    """Experts with no rows (here a whole bucket of them) get zero weight gradients, not garbage."""
+    torch.manual_seed(0)
+    T, K, E = 40, 2, 12
+    x = torch.randn(T, D, dtype=dtype, requires_grad=True)
+    gate_up = (torch.randn(E, 2 * F_HIDDEN, D) * 0.2).to(dtype).requires_grad_()
+    down = (torch.randn(E, D, F_HIDDEN) * 0.2).to(dtype).requires_grad_()
+    weights = torch.rand(T, K, dtype=dtype)
+    experts = torch.stack([torch.tensor([t % 3, 3 + t % 4]) for t in range(T)])  # experts 7-11 unused
+    results = []
+    for impl in ("loop", "padded_bmm"):
+        y, counts = dropless_dispatch(x, weights, experts, gate_up, down, impl=impl)
+        results.append((y, *torch.autograd.grad(y.float().square().sum(), (x, gate_up, down))))
+    assert (counts[7:] == 0).all()
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-6  # relative L2 error, loop against padded
+    for a, b in zip(*results):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < tolerance
+    assert (results[1][2][7:] == 0).all() and (results[1][3][7:] == 0).all()
 
 
 def _sigmoid_router(**kw):
@@ -254,13 +292,13 @@ def test_misaligned_expert_widths_never_take_grouped_mm():
     skewed loads, where grouped_mm would otherwise be chosen, runs the loop and still tracks fp32;
     asking for grouped_mm by name is a ValueError naming the widths."""
     torch.manual_seed(0)
-    T, K, E, F_odd = 64, 2, 16, 41
+    T, K, E, F_odd = 64, 2, 32, 41
     x, weights = torch.randn(T, D), torch.rand(T, K)
     gate_up, down = torch.randn(E, 2 * F_odd, D) * 0.2, torch.randn(E, D, F_odd) * 0.2
-    experts = torch.stack([torch.tensor([0, 1 + t % 15]) for t in range(T)])  # expert 0 takes every token
+    experts = torch.stack([torch.tensor([0, 1 + t % 31]) for t in range(T)])  # expert 0 takes every token
     skewed = torch.bincount(experts.reshape(-1), minlength=E)
-    assert moe_mod._auto_impl(x.bfloat16(), skewed, aligned=True) == "grouped_mm"
-    assert moe_mod._auto_impl(x.bfloat16(), skewed, aligned=False) == "loop"
+    assert moe_mod._auto_impl(x.bfloat16(), skewed, aligned=True)[0] == "grouped_mm"
+    assert moe_mod._auto_impl(x.bfloat16(), skewed, aligned=False)[0] == "loop"
     assert not moe_mod._grouped_mm_aligned(torch.bfloat16, D, F_odd) and moe_mod._grouped_mm_aligned(torch.bfloat16, D, 48)
     y32, _ = dropless_dispatch(x, weights, experts, gate_up, down, impl="loop")
     with torch.autocast("cpu", dtype=torch.bfloat16):
