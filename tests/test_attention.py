@@ -165,12 +165,17 @@ def test_yarn_softmax_scale_correction_applies():
     assert F is not None
 
 
+@pytest.mark.parametrize("query_block", [128, 3], ids=["one-block", "blocks-of-3"])
 @pytest.mark.parametrize("n_heads,n_kv_heads,n_past", [(4, 4, 0), (4, 2, 0), (4, 1, 3), (4, 2, 5)])
-def test_cpu_bf16_matmul_attention_equals_sdpa(n_heads, n_kv_heads, n_past):
+def test_cpu_bf16_matmul_attention_equals_sdpa(n_heads, n_kv_heads, n_past, query_block, monkeypatch):
     """The CPU bf16 path (baddbmm-softmax-bmm) against fp32 SDPA with the same causal mask, for MHA,
-    GQA, MQA and queries after cached positions; gradients included."""
+    GQA, MQA and queries after cached positions, in one query block and in blocks of 3 (7 queries:
+    3 + 3 + 1, each against the keys up to its last query); gradients included."""
+    import zoo.blocks.sdpa as sdpa_mod
     from zoo.blocks.kv_cache import causal_sdpa_mask
     from zoo.blocks.sdpa import causal_attention
+
+    monkeypatch.setattr(sdpa_mod, "QUERY_BLOCK", query_block)
 
     B, T, Dk, Dv = 2, 7, 16, 8
     S = n_past + T
@@ -190,10 +195,13 @@ def test_cpu_bf16_matmul_attention_equals_sdpa(n_heads, n_kv_heads, n_past):
         torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=5e-2)
 
 
-def test_matmul_attention_is_causal():
+@pytest.mark.parametrize("query_block", [128, 4])
+def test_matmul_attention_is_causal(query_block, monkeypatch):
     """Changing a later key or value leaves earlier outputs of the matmul path unchanged."""
+    import zoo.blocks.sdpa as sdpa_mod
     from zoo.blocks.sdpa import causal_attention
 
+    monkeypatch.setattr(sdpa_mod, "QUERY_BLOCK", query_block)
     q, k, v = (torch.randn(1, 2, 6, 8).to(torch.bfloat16) for _ in range(3))
     y = causal_attention(q, k, v, scale=0.35)
     k2, v2 = k.clone(), v.clone()
