@@ -35,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import alternate, median, spread  # noqa: E402
+from training.allocator import retain_freed_memory  # noqa: E402
 from zoo.blocks.moe import dropless_dispatch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
+    retain_freed_memory()  # as the trainer does (training/allocator.py)
     for name in args.dtypes:
         if name not in DTYPES:
             parser.error(f"--dtypes: {name!r} is not one of {', '.join(DTYPES)}")

@@ -22,7 +22,8 @@ weights (the weights, gradients and optimizer state stay fp32).
    achieved FLOP/s, MFU against the measured matmul peak of the winner's dtype (`training.mfu`),
    peak memory, and the speed ratio zoo / transformers.
 
-Each probe runs in a child process of its own, so that one which runs out of memory (transformers'
+Like the trainer, the benchmark keeps freed CPU memory for reuse (`training/allocator.py`); that is
+process-wide, so both sides get it. Each probe runs in a child process of its own, so that one which runs out of memory (transformers'
 batched_mm gathers a weight matrix per token) is reported and skipped, and so that peak memory is
 measurable: on CUDA the allocator's peak during the steps less what the model, optimizer and batch
 held before them; on CPU the growth of the resident set (the CPU allocator keeps no statistics).
@@ -49,6 +50,7 @@ if str(REPO) not in sys.path:
 from benchmarks.common import (  # noqa: E402
     alternate, current_rss_bytes, max_rss_bytes, measured_cuda_peak, median, spread, synchronize, timed,
 )
+from training.allocator import retain_freed_memory  # noqa: E402
 from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops  # noqa: E402
 from zoo import presets  # noqa: E402
 from zoo.builders import build  # noqa: E402
@@ -255,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    retain_freed_memory()  # as the trainer does; process-wide, so transformers' steps get it too
     try:
         spec = apply_sets(presets.get(args.preset), args.sets)
     except (KeyError, SpecError) as err:

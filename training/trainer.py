@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from training import checkpoints
+from training.allocator import retain_freed_memory
 from training.data import DataError, PreparedData, Tokenizer, prepare_data
 from training.engine import (
     TrainingError,
@@ -388,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's ZeRO still calls the c10d collectives torch renamed; the warning is theirs to act on.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
     args = parse_args(argv)
+    retain_freed_memory()  # no page faults for memory freed and reallocated every step (training/allocator.py)
     try:
         code = train(args)
     except (SpecError, DataError, TrainingError) as err:
