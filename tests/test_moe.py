@@ -8,6 +8,7 @@ import zoo
 from zoo.blocks.mlp import SwiGLU
 from zoo.blocks.moe import MoE, dropless_dispatch
 import zoo.blocks.moe as moe_mod
+import zoo.blocks.padded_experts as padded_mod
 from zoo.blocks.routers import SigmoidGroupTopKRouter, SoftmaxTopKRouter
 from zoo.specs import MHASpec, ModelSpec, MoESpec, SigmoidGroupTopKRouterSpec
 
@@ -137,13 +138,13 @@ def test_auto_dispatch_choice():
 
 def test_bucket_plan_pads_each_bucket_to_its_own_largest_count(monkeypatch):
     counts = torch.tensor([3, 90, 7, 50, 0, 64, 20, 1, 33, 12])  # 10 experts: 3 buckets of 4, 4, 2
-    monkeypatch.setattr(moe_mod, "CAP_MULTIPLE", 1)
-    plan = moe_mod._plan_buckets(counts.sort(descending=True).values)
+    monkeypatch.setattr(padded_mod, "CAP_MULTIPLE", 1)
+    plan = padded_mod.plan_buckets(counts.sort(descending=True).values)
     assert plan.per_bucket == 4 and plan.sizes() == [4, 4, 2]
     assert plan.caps == (90, 20, 1) and plan.assignments == 280
     assert plan.padded_rows() == 4 * 90 + 4 * 20 + 2 * 1
-    monkeypatch.setattr(moe_mod, "CAP_MULTIPLE", 16)  # caps rounded up: few distinct matmul shapes
-    assert moe_mod._plan_buckets(counts.sort(descending=True).values).caps == (96, 32, 16)
+    monkeypatch.setattr(padded_mod, "CAP_MULTIPLE", 16)  # caps rounded up: few distinct matmul shapes
+    assert padded_mod.plan_buckets(counts.sort(descending=True).values).caps == (96, 32, 16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
