@@ -15,6 +15,11 @@ fixed routing for every contender:
                         per token and took 7.6 s a call for W1 in bf16 here, 250x the dense layer)
   dense SwiGLU          one SwiGLU of hidden K x F: the routed experts' FLOPs without any dispatch
 
+`--skew S` gives the experts unequal loads (per-expert score offsets of standard deviation S). The
+routing is the same for every call, so per-expert matmul shapes repeat and oneDNN's kernels stay
+cached; in a train step the loads change every step, which this benchmark does not show (see
+benchmarks/results/moe_layer.txt).
+
 Each contender's output and input gradient are checked against an fp32 reference (zoo loop in
 fp32); a contender that fails (e.g. out of memory) is reported and skipped. Contenders alternate
 call by call; medians are reported with achieved GFLOP/s (3 x the forward matmul FLOPs, 2*A*3*D*F).
@@ -55,10 +60,12 @@ WORKLOADS = {"w1": Workload("W1", n_experts=8, top_k=2, d_expert=384),
              "w2": Workload("W2", n_experts=64, top_k=6, d_expert=128)}
 
 
-def routing(w: Workload, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of random scores: every expert gets about T*K/E tokens, as a balanced router gives."""
+def routing(w: Workload, seed: int = 0, skew: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of random scores: every expert gets about T*K/E tokens, as a balanced router gives;
+    `skew` > 0 adds a per-expert offset of that standard deviation to the scores, for the unequal
+    loads of an untrained or unbalanced router."""
     g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(w.tokens, w.n_experts, generator=g)
+    scores = torch.randn(w.tokens, w.n_experts, generator=g) + skew * torch.randn(w.n_experts, generator=g)
     weights, experts = scores.softmax(-1).topk(w.top_k, dim=-1)
     return weights / weights.sum(-1, keepdim=True), experts
 
@@ -77,13 +84,13 @@ def hf_experts(w: Workload, impl: str, gate_up: torch.Tensor, down: torch.Tensor
     return module.to(gate_up.dtype)
 
 
-def contenders(w: Workload, dtype: torch.dtype, hf_impls: list[str]):
+def contenders(w: Workload, dtype: torch.dtype, hf_impls: list[str], skew: float = 0.0):
     """name -> (forward function of x, parameters to zero the grads of)."""
     g = torch.Generator().manual_seed(1)
     std = 0.02
     gate_up = (torch.randn(w.n_experts, 2 * w.d_expert, w.d_model, generator=g) * std).to(dtype).requires_grad_()
     down = (torch.randn(w.n_experts, w.d_model, w.d_expert, generator=g) * std).to(dtype).requires_grad_()
-    weights, experts = routing(w)
+    weights, experts = routing(w, skew=skew)
     weights = weights.to(dtype)
     out = {
         "zoo grouped_mm": (lambda x: dropless_dispatch(x, weights, experts, gate_up, down, impl="grouped_mm")[0],
@@ -124,7 +131,7 @@ def run(w: Workload, dtype_name: str, args) -> list[dict]:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(w.tokens, w.d_model, generator=g).to(dtype).requires_grad_()
     grad = torch.randn(w.tokens, w.d_model, generator=g).to(dtype)
-    pool, (weights, experts, gate_up, down) = contenders(w, dtype, args.hf_experts)
+    pool, (weights, experts, gate_up, down) = contenders(w, dtype, args.hf_experts, args.skew)
 
     # fp32 reference: the loop dispatcher on fp32 copies of the same tensors
     x32 = x.detach().float().requires_grad_()
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-experts", default="eager,grouped_mm", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="std of per-expert score offsets: unequal expert loads (default: balanced)")
     args = parser.parse_args(argv)
     retain_freed_memory()  # as the trainer does (training/allocator.py)
     for name in args.dtypes:
@@ -175,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         for dtype_name in args.dtypes:
             rows = run(w, dtype_name, args)
             dense = next((r["ms"] for r in rows if r["name"].startswith("dense") and "ms" in r), None)
-            print(f"\n{w.name} ({w.n_experts} experts top-{w.top_k}, F {w.d_expert}), {dtype_name}:")
+            counts = torch.bincount(routing(w, skew=args.skew)[1].flatten(), minlength=w.n_experts).float()
+            print(f"\n{w.name} ({w.n_experts} experts top-{w.top_k}, F {w.d_expert}), {dtype_name}, "
+                  f"largest expert load {counts.max() / counts.mean():.2f}x the mean:")
             print(f"  {'':<30}{'ms':>8}{'':>6}{'GFLOP/s':>9}{'x dense':>9}   check")
             for r in rows:
                 if "ms" in r:
