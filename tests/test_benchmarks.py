@@ -41,8 +41,9 @@ def test_train_step_benchmark_bad_input_is_one_line_exit_2(argv, words, capsys):
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_moe_layer_dispatchers_agree_with_the_fp32_reference():
-    args = argparse.Namespace(hf_experts=["eager", "grouped_mm"], warmup=0, reps=1)
+@pytest.mark.parametrize("skew", [0.0, 0.4], ids=["balanced", "unequal-loads"])
+def test_moe_layer_dispatchers_agree_with_the_fp32_reference(skew):
+    args = argparse.Namespace(hf_experts=["eager", "grouped_mm"], warmup=0, reps=1, skew=skew)
     rows = moe_layer.run(moe_layer.WORKLOADS["w1"], "bf16", args)
     names = [r["name"] for r in rows]
     assert names[:3] == ["zoo grouped_mm", "zoo padded_bmm", "zoo loop"] and names[-1].startswith("dense")
@@ -50,3 +51,14 @@ def test_moe_layer_dispatchers_agree_with_the_fp32_reference():
         assert row["ms"] > 0, row
         out_err, dx_err = (float(part.split()[1]) for part in row["check"].split(", "))
         assert out_err < 2e-2 and dx_err < 2e-2, row
+
+
+def test_moe_layer_skew_makes_expert_loads_unequal():
+    import torch
+
+    def imbalance(skew):
+        w = moe_layer.WORKLOADS["w2"]
+        counts = torch.bincount(moe_layer.routing(w, skew=skew)[1].flatten(), minlength=w.n_experts).float()
+        return (counts.max() / counts.mean()).item()
+
+    assert imbalance(0.0) < 1.5 < 3.0 < imbalance(0.4)
