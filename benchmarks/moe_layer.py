@@ -28,6 +28,7 @@ call by call; medians are reported with achieved GFLOP/s (3 x the forward matmul
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skew", type=float, default=0.0,
                         help="std of per-expert score offsets: unequal expert loads (default: balanced)")
     args = parser.parse_args(argv)
+    if not math.isfinite(args.skew) or args.skew < 0:
+        parser.error(f"--skew: the standard deviation of the expert score offsets must be >= 0, got {args.skew}")
     retain_freed_memory()  # as the trainer does (training/allocator.py)
     for name in args.dtypes:
         if name not in DTYPES:

@@ -79,6 +79,17 @@ def test_dropless_dispatch_handles_unused_experts(impl):
     torch.testing.assert_close(y, _loop_reference(x, torch.ones(5, 1), experts, gate_up, down), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded_bmm", "auto"])
+def test_dropless_dispatch_of_no_tokens(impl):
+    x = torch.zeros(0, D, requires_grad=True)
+    gate_up = torch.randn(4, 2 * F_HIDDEN, D, requires_grad=True)
+    down = torch.randn(4, D, F_HIDDEN, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, counts = dropless_dispatch(x, torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long), gate_up, down, impl=impl)
+    y.float().sum().backward()
+    assert y.shape == (0, D) and counts.tolist() == [0, 0, 0, 0] and x.grad.shape == (0, D)
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "padded_bmm"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-tensors", "fp32-under-autocast"])
 def test_bf16_dispatch_tracks_the_fp32_reference(impl, autocast):

@@ -7,8 +7,8 @@ Experts are stacked weights in the layout transformers v5 uses: gate_up_proj (E,
 first F rows are the gate, and down_proj (E, D, F). Routing (which experts, what weights) is the
 router's job; dispatch (moving tokens to experts and back) is `dropless_dispatch`'s: sort the A
 assignments by expert, run each expert once on its contiguous slice (two grouped GEMMs, batched
-matmuls over buckets of experts each padded to its largest count, or a loop over experts), put the rows back in
-token order and combine each token's K outputs with its routing weights. No token is dropped and no
+matmuls over buckets of experts each padded to its largest count, or a loop over experts), put the
+rows back in token order and combine each token's K outputs with its routing weights. No token is dropped and no
 capacity factor is needed. No data movement sums over duplicate indices, forward or backward (no
 scatter-add with atomics, no zero-filled per-expert weight gradients).
 """
@@ -154,6 +154,8 @@ def dropless_dispatch(
     """
     T, K = experts_TK.shape
     E = gate_up_E2FD.shape[0]
+    if T == 0:  # no tokens: nothing to run (still part of x's graph, so a backward works)
+        return x_TD * 0, torch.zeros(E, dtype=torch.long, device=x_TD.device)
     flat_experts_A = experts_TK.reshape(-1)
     sorted_experts_A, order_A = flat_experts_A.sort(stable=True)  # assignments grouped by expert
     # The inverse permutation. A scatter, not `inverse_A[order_A] = ...` (an index_put).
