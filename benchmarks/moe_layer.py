@@ -1,6 +1,6 @@
 """MoE-layer microbenchmark: the expert dispatchers side by side, and a dense SwiGLU of equal FLOPs.
 
-    python -m benchmarks.moe_layer                       # W1's and W2's expert layers, bf16 and fp32
+    python -m benchmarks.moe_layer                       # W1's and W2's expert layers, fp32 (and bf16 on a CPU with bf16)
     python -m benchmarks.moe_layer --workload w2 --dtypes bf16 --reps 20
 
 One call is forward + backward of the routed experts alone (the router and the shared expert are
@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.common import alternate, median, spread  # noqa: E402
 from training.allocator import retain_freed_memory  # noqa: E402
+from training.precision import cpu_has_native_bf16  # noqa: E402
 from zoo.blocks.moe import dropless_dispatch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -167,7 +168,8 @@ def run(w: Workload, dtype_name: str, args) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
-    parser.add_argument("--dtypes", default="bf16,fp32", type=lambda s: s.split(","))
+    parser.add_argument("--dtypes", type=lambda s: s.split(","),
+                        help="bf16,fp32 (default: bf16 only where the CPU has native bf16; training/precision.py)")
     parser.add_argument("--hf-experts", default="eager,grouped_mm", type=lambda s: [x for x in s.split(",") if x])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=10)
@@ -177,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     if not math.isfinite(args.skew) or args.skew < 0:
         parser.error(f"--skew: the standard deviation of the expert score offsets must be >= 0, got {args.skew}")
     retain_freed_memory()  # as the trainer does (training/allocator.py)
+    if args.dtypes is None:
+        args.dtypes = ["bf16", "fp32"] if cpu_has_native_bf16() else ["fp32"]
+        if "bf16" not in args.dtypes:
+            print("bf16 left out: this CPU has no native bf16 matmul (training/precision.py); --dtypes bf16,fp32 "
+                  "forces it", file=sys.stderr)
     for name in args.dtypes:
         if name not in DTYPES:
             parser.error(f"--dtypes: {name!r} is not one of {', '.join(DTYPES)}")

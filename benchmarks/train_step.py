@@ -52,6 +52,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from training.allocator import retain_freed_memory  # noqa: E402
 from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops  # noqa: E402
+from training.precision import native_bf16  # noqa: E402
 from zoo import presets  # noqa: E402
 from zoo.builders import build  # noqa: E402
 from zoo.describe import describe  # noqa: E402
@@ -122,6 +123,12 @@ class Contender:
         """Cross-entropy of the batch in fp32, without an auxiliary loss."""
         out = self.model(self.ids, labels=self.ids)
         return float(getattr(out, "ce_loss", None) if getattr(out, "ce_loss", None) is not None else out.loss)
+
+
+def default_precisions(device: torch.device) -> list[str]:
+    """fp32, and bf16 autocast where the device computes bf16 natively (on a CPU without bf16
+    instructions a bf16 probe would take hundreds of times longer and could not win)."""
+    return ["fp32", "bf16"] if native_bf16(device) else ["fp32"]
 
 
 def _fused_or_foreach(device: torch.device) -> dict:
@@ -244,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="perf_w1")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", dest="sets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precisions", default="fp32,bf16", type=lambda s: s.split(","))
+    parser.add_argument("--precisions", type=lambda s: s.split(","),
+                        help="fp32,bf16 (default: bf16 only where the device has native bf16; training/precision.py)")
     parser.add_argument("--compile", action="store_true",
                         help="also probe torch.compile: the zoo, and transformers with grouped_mm experts and SDPA")
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="the zoo alone")
@@ -263,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    device = torch.device(args.device)
+    bf16_note = args.precisions is None and not native_bf16(device)
+    args.precisions = args.precisions or default_precisions(device)
     for name in args.precisions:
         if name not in PRECISIONS:
             parser.error(f"--precisions: {name!r} is not one of {', '.join(PRECISIONS)}")
@@ -270,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not path.parent.is_dir():
             print(f"error: {path}: directory {path.parent} does not exist", file=sys.stderr)
             return 2
-    device = torch.device(args.device)
     if args.child:
         child(args.child, spec, device, args.probe_steps)
         return 0
@@ -291,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"same workload: fp32 loss of one batch, zoo {zoo_loss:.6f}, transformers {hf_loss:.6f}")
         result["fp32_loss"] = {"zoo": zoo_loss, "transformers": hf_loss}
 
+    if bf16_note:
+        print(f"bf16 left out: this {device.type} has no native bf16 matmul (training/precision.py); "
+              "--precisions fp32,bf16 forces it", file=sys.stderr)
     zoo_pool, hf_pool = candidates(args)
     print("probing (best of %d steps after a warm-up):" % args.probe_steps, file=sys.stderr)
     probes = probe(zoo_pool + hf_pool, args, device)

@@ -109,7 +109,7 @@ class Budget:
     eval_every: int
     log_every: int
     val_batches: int
-    precision: str = "bf16"
+    precision: str = "auto"
     source: str = CORPUS
     max_documents: int | None = None
     tokenizer_sample_chars: int = 5_000_000

@@ -14,7 +14,7 @@ TOY = ["model.n_layers=1", "model.vocab_size=256", "data.seq_len=32", "train.mic
 def test_train_step_benchmark_compares_the_same_workload(tmp_path, capsys):
     out = tmp_path / "result.json"
     argv = ["--preset", "perf_w1", *[f"--set={s}" for s in TOY], "--hf-experts", "eager", "--hf-attention", "sdpa",
-            "--probe-steps", "1", "--warmup", "1", "--reps", "2", "--json", str(out)]
+            "--precisions", "fp32,bf16", "--probe-steps", "1", "--warmup", "1", "--reps", "2", "--json", str(out)]
     assert train_step.main(argv) == 0
     result = json.loads(out.read_text())
     losses = result["fp32_loss"]
@@ -27,6 +27,14 @@ def test_train_step_benchmark_compares_the_same_workload(tmp_path, capsys):
     assert result["speedup"] == pytest.approx(result["results"]["transformers"]["step_ms"]
                                               / result["results"]["zoo"]["step_ms"])
     assert "zoo / transformers speed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_train_step_probes_bf16_only_where_the_device_has_it(monkeypatch, native):
+    import torch
+
+    monkeypatch.setattr(train_step, "native_bf16", lambda device: native)
+    assert train_step.default_precisions(torch.device("cpu")) == (["fp32", "bf16"] if native else ["fp32"])
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -1,13 +1,21 @@
 """bf16 autocast training tracks fp32 training: the optimized CPU bf16 paths (grouped-GEMM dispatch,
-matmul attention, fused LM-head loss) must not cost accuracy."""
+matmul attention, fused LM-head loss) must not cost accuracy. And `train.precision=auto` picks bf16
+only where the device computes it natively (training/precision.py)."""
 
 import argparse
+import platform
+import time
+import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
+from training import mfu, precision
+from training.engine import TrainingError
 from zoo import presets
 from zoo.builders import build
+from zoo.overrides import with_changes
 
 STEPS = 40
 
@@ -45,3 +53,57 @@ def test_bf16_training_reaches_the_fp32_loss_within_seed_noise():
     seed_noise = abs(tail(fp32_a) - tail(fp32_b))
     assert abs(tail(bf16) - tail(fp32_a)) <= max(2 * seed_noise, 0.02 * tail(fp32_a)), (
         f"bf16 {tail(bf16):.4f} vs fp32 {tail(fp32_a):.4f} (seed noise {seed_noise:.4f})")
+
+
+# ----------------------------------------------------------------------------- train.precision=auto
+
+
+def _spec(**changes):
+    return with_changes(presets.get("deepseek_glm4", tiny=True), changes)
+
+
+@pytest.mark.parametrize("native,stage,expected", [(True, 1, "bf16"), (False, 1, "fp32"), (True, 0, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native, stage, expected):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    spec = _spec(**{"deepspeed.zero_stage": stage})
+    assert spec.train.precision == "auto"
+    assert precision.resolve_precision(spec, torch.device("cpu")).train.precision == expected
+
+
+def test_explicit_bf16_on_a_cpu_without_bf16_trains_as_asked_with_a_warning(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without bf16 instructions"):
+        resolved = precision.resolve_precision(_spec(**{"train.precision": "bf16"}), torch.device("cpu"))
+    assert resolved.train.precision == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precision.resolve_precision(_spec(**{"train.precision": "bf16"}), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("changes,words", [({"train.precision": "fp16"}, "refused on CPU"),
+                                           ({"train.precision": "bf16", "deepspeed.zero_stage": 0}, "zero_stage >= 1")])
+def test_precisions_the_cpu_cannot_train_in_are_refused(changes, words):
+    with pytest.raises(TrainingError, match=words):
+        precision.resolve_precision(_spec(**changes), torch.device("cpu"))
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="reads x86 /proc/cpuinfo")
+def test_native_bf16_matches_the_cpu_flags():
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    assert precision.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
+
+
+def test_matmul_peak_skips_sizes_that_would_exceed_its_budget(monkeypatch):
+    sizes = []
+    real_mm = torch.mm
+
+    def mm(a, b):
+        sizes.append(a.shape[0])
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    start = time.perf_counter()
+    peak = mfu.measure_matmul_peak(torch.float32, sizes=(8192,), repeats=2, budget_s=0.5)
+    assert peak > 0 and set(sizes) == {mfu.PEAK_PROBE_SIZE}, sizes  # 8192^3 would take seconds a matmul
+    assert time.perf_counter() - start < 5

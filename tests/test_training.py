@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import zoo
 from training.engine import initialize, lr_factor, optimizer_groups, resolve_ds_config
+from training.precision import cpu_has_native_bf16
 from zoo import presets
 from zoo.checkpoint import load_run_folder
 from zoo.overrides import with_changes
@@ -59,7 +60,11 @@ def test_train_end_to_end(cache_dir, tmp_path):
     for name in ("spec.json", "model.safetensors", "tokenizer.model", "ds_config.json", "checkpoints/latest"):
         assert (out / name).exists(), name
     ds_config = json.loads((out / "ds_config.json").read_text())
-    assert ds_config["train_micro_batch_size_per_gpu"] == 4 and ds_config["bf16"]["enabled"]
+    # train.precision=auto: bf16 where the CPU has bf16 instructions, fp32 elsewhere; spec.json records it
+    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert json.loads((out / "spec.json").read_text())["train"]["precision"] == expected
+    assert f", {expected}, ZeRO-1" in proc.stdout + proc.stderr
+    assert ds_config["train_micro_batch_size_per_gpu"] == 4 and ds_config["bf16"]["enabled"] == (expected == "bf16")
     assert "auto" not in json.dumps(ds_config)
     val = scalars(out, "val/loss")
     assert sorted(val) == [4, 8, 12] and val[12] < val[4] < math.log(512)

@@ -88,23 +88,11 @@ def init_distributed() -> Dist:
     return Dist(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)
 
 
-def check_precision(spec: RunSpec, device: torch.device) -> None:
-    precision = spec.train.precision
-    if precision == "fp16" and device.type == "cpu":
-        raise TrainingError(
-            "train.precision=fp16 is refused on CPU: fp16 matmuls run ~1000x slower there and DeepSpeed "
-            "has no CPU fp16 path; use --set train.precision=bf16 (or fp32)"
-        )
-    if precision == "bf16" and spec.deepspeed.zero_stage == 0:
-        raise TrainingError(
-            "train.precision=bf16 needs deepspeed.zero_stage >= 1 (ZeRO-0 would accumulate gradients in bf16); "
-            "use --set deepspeed.zero_stage=1, or train.precision=fp32"
-        )
-
-
 def resolve_ds_config(spec: RunSpec, path: str | None, world_size: int) -> dict:
     """The DeepSpeed config with every "auto" filled from the run spec; conflicts are errors."""
     train, stage = spec.train, spec.deepspeed.zero_stage
+    if train.precision == "auto":
+        raise TrainingError("train.precision=auto is resolved per device first (training.precision.resolve_precision)")
     path = Path(path or spec.deepspeed.config or DS_CONFIG_DIR / f"zero{stage}_{train.precision}.json")
     if not path.is_file():
         raise TrainingError(f"--ds-config {path} does not exist; the shipped configs are in {DS_CONFIG_DIR}")

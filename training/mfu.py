@@ -20,6 +20,8 @@ import torch
 TRAIN_FLOPS_PER_FORWARD_FLOP = 3  # backward costs two forwards (grads w.r.t. inputs and weights)
 PEAK_MATMUL_SIZES = (1024, 2048)
 PEAK_REPEATS = 8  # best of several: a busy machine only ever lowers a measurement
+PEAK_PROBE_SIZE = 256  # measured first, to skip sizes that would take too long
+PEAK_BUDGET_S = 10.0  # most seconds one size's repeats may take
 # Dense bf16 tensor-core peaks (datasheets, without sparsity), FLOP/s.
 CUDA_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
@@ -34,10 +36,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_matmul_peak(dtype: torch.dtype, sizes=PEAK_MATMUL_SIZES, repeats: int = PEAK_REPEATS) -> float:
-    """Best observed FLOP/s of square matmuls on the CPU."""
+def measure_matmul_peak(dtype: torch.dtype, sizes=PEAK_MATMUL_SIZES, repeats: int = PEAK_REPEATS,
+                        budget_s: float = PEAK_BUDGET_S) -> float:
+    """Best observed FLOP/s of square matmuls on the CPU. A probe at PEAK_PROBE_SIZE first: a size whose
+    repeats would take longer than `budget_s` at the rate seen so far is skipped (bf16 on a CPU without
+    bf16 instructions ran at 0.3 GFLOP/s, and 2048^3 would have taken 53 s a matmul)."""
     best = 0.0
-    for size in sizes:
+    for size in (PEAK_PROBE_SIZE, *sizes):
+        if best and (repeats + 1) * 2 * size**3 / best > budget_s:
+            break
         a = torch.randn(size, size).to(dtype)
         b = torch.randn(size, size).to(dtype)
         torch.mm(a, b)  # warm up (allocations, kernel selection)

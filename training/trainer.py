@@ -30,7 +30,6 @@ from training.allocator import retain_freed_memory
 from training.data import DataError, PreparedData, Tokenizer, prepare_data
 from training.engine import (
     TrainingError,
-    check_precision,
     init_distributed,
     initialize,
     optimizer_groups,
@@ -38,6 +37,7 @@ from training.engine import (
 )
 from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops
 from training.observe import Observer
+from training.precision import DTYPES, resolve_precision
 from zoo.blocks.routers import SigmoidGroupTopKRouter
 from zoo.checkpoint import save_run_folder
 from zoo.cli import resolve
@@ -172,7 +172,7 @@ class StopFlag:
 def train(args: argparse.Namespace) -> int:
     spec, out = resolve_run(args)
     env = init_distributed()
-    check_precision(spec, env.device)
+    spec = resolve_precision(spec, env.device)  # auto -> bf16 or fp32 for this device; spec.json records it
     _check_layout(spec, env.world_size)
     import deepspeed
 
@@ -224,8 +224,7 @@ def train(args: argparse.Namespace) -> int:
 
     seq_len = spec.data.seq_len
     flops_per_token = describe(spec, seq_len=seq_len)["flops_per_token"]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.train.precision]
-    machine_peak = peak_flops(dtype, env.device) * env.world_size
+    machine_peak = peak_flops(DTYPES[spec.train.precision], env.device) * env.world_size
     startup_s = time.perf_counter() - PROCESS_START
     observer = Observer(out, total_steps=spec.train.steps, start_step=start_step, enabled=rank0)
     observer.message(

@@ -344,7 +344,9 @@ class TrainSpec(Spec):
     warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the device computes it natively (CUDA; a CPU with avx512_bf16 or AMX) "
+                            "and ZeRO >= 1, else fp32")
     seed: int = 0
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=1)
