@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks.common import alternate, median, spread  # noqa: E402
 from training.allocator import retain_freed_memory  # noqa: E402
-from training.precision import cpu_has_native_bf16  # noqa: E402
+from training.mfu import cpu_has_native_bf16  # noqa: E402
 from zoo.blocks.moe import dropless_dispatch  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dtypes is None:
         args.dtypes = ["bf16", "fp32"] if cpu_has_native_bf16() else ["fp32"]
         if "bf16" not in args.dtypes:
-            print("bf16 left out: this CPU has no native bf16 matmul (training/precision.py); --dtypes bf16,fp32 "
+            print("bf16 left out: this CPU has no native bf16 matmul (training/mfu.py); --dtypes bf16,fp32 "
                   "forces it", file=sys.stderr)
     for name in args.dtypes:
         if name not in DTYPES:

@@ -52,7 +52,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from training.allocator import retain_freed_memory  # noqa: E402
 from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops  # noqa: E402
-from training.precision import native_bf16  # noqa: E402
+from training.mfu import native_bf16  # noqa: E402
 from zoo import presets  # noqa: E402
 from zoo.builders import build  # noqa: E402
 from zoo.describe import describe  # noqa: E402
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         result["fp32_loss"] = {"zoo": zoo_loss, "transformers": hf_loss}
 
     if bf16_note:
-        print(f"bf16 left out: this {device.type} has no native bf16 matmul (training/precision.py); "
+        print(f"bf16 left out: this {device.type} has no native bf16 matmul (training/mfu.py); "
               "--precisions fp32,bf16 forces it", file=sys.stderr)
     zoo_pool, hf_pool = candidates(args)
     print("probing (best of %d steps after a warm-up):" % args.probe_steps, file=sys.stderr)

@@ -64,18 +64,18 @@ def _spec(**changes):
 
 @pytest.mark.parametrize("native,stage,expected", [(True, 1, "bf16"), (False, 1, "fp32"), (True, 0, "fp32")])
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native, stage, expected):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: native)
     spec = _spec(**{"deepspeed.zero_stage": stage})
     assert spec.train.precision == "auto"
     assert precision.resolve_precision(spec, torch.device("cpu")).train.precision == expected
 
 
 def test_explicit_bf16_on_a_cpu_without_bf16_trains_as_asked_with_a_warning(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="without bf16 instructions"):
         resolved = precision.resolve_precision(_spec(**{"train.precision": "bf16"}), torch.device("cpu"))
     assert resolved.train.precision == "bf16"
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         precision.resolve_precision(_spec(**{"train.precision": "bf16"}), torch.device("cpu"))
@@ -91,7 +91,7 @@ def test_precisions_the_cpu_cannot_train_in_are_refused(changes, words):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64", reason="reads x86 /proc/cpuinfo")
 def test_native_bf16_matches_the_cpu_flags():
     flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    assert precision.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
+    assert mfu.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
 
 
 def test_matmul_peak_skips_sizes_that_would_exceed_its_budget(monkeypatch):
@@ -107,3 +107,15 @@ def test_matmul_peak_skips_sizes_that_would_exceed_its_budget(monkeypatch):
     peak = mfu.measure_matmul_peak(torch.float32, sizes=(8192,), repeats=2, budget_s=0.5)
     assert peak > 0 and set(sizes) == {mfu.PEAK_PROBE_SIZE}, sizes  # 8192^3 would take seconds a matmul
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("native,method", [(True, "standard"), (False, "gram")])
+def test_newton_schulz_runs_in_bf16_only_on_a_cpu_with_bf16(monkeypatch, native, method):
+    """DeepSpeed's "standard" Newton-Schulz runs in bf16 on any CPU; "gram" in fp16 where oneDNN has
+    it, else fp32."""
+    from training import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    spec = _spec()
+    groups = engine.optimizer_groups(build(spec), spec, torch.device("cpu"))
+    assert [g["ns_method"] for g in groups if g["name"] == "muon"] == [method]

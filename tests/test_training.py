@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import zoo
 from training.engine import initialize, lr_factor, optimizer_groups, resolve_ds_config
-from training.precision import cpu_has_native_bf16
+from training.mfu import cpu_has_native_bf16
 from zoo import presets
 from zoo.checkpoint import load_run_folder
 from zoo.overrides import with_changes

@@ -36,6 +36,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions: avx512_bf16 or AMX on x86, oneDNN's bf16
+    support elsewhere (aarch64's BF16 extension)."""
+    cpu = torch.cpu
+    try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private helpers: absent in another torch, assume the worst
+        return False
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
 def measure_matmul_peak(dtype: torch.dtype, sizes=PEAK_MATMUL_SIZES, repeats: int = PEAK_REPEATS,
                         budget_s: float = PEAK_BUDGET_S) -> float:
     """Best observed FLOP/s of square matmuls on the CPU. A probe at PEAK_PROBE_SIZE first: a size whose

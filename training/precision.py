@@ -10,15 +10,18 @@ GFLOP/s against 229 in fp32.
   when ZeRO >= 1 (bf16 needs it); fp32 otherwise.
 - `bf16` asked for explicitly on a CPU without native bf16 runs as asked, with a warning.
 - `fp16` on a CPU is refused (no DeepSpeed CPU path; fp16 matmuls are slower still).
+
+What counts as native is `training.mfu.cpu_has_native_bf16` / `native_bf16`; Muon's Newton-Schulz
+dtype follows it too (`training.engine.optimizer_groups`).
 """
 
 from __future__ import annotations
 
-import platform
 import warnings
 
 import torch
 
+from training import mfu
 from training.engine import TrainingError
 from zoo.overrides import with_changes
 from zoo.specs import RunSpec
@@ -26,32 +29,12 @@ from zoo.specs import RunSpec
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 matmul instructions: avx512_bf16 or AMX on x86, oneDNN's bf16
-    support elsewhere (aarch64's BF16 extension)."""
-    cpu = torch.cpu
-    try:
-        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
-            return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # private helpers: absent in another torch, assume the worst
-        return False
-
-
-def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return cpu_has_native_bf16()
-    return False
-
-
 def resolve_precision(spec: RunSpec, device: torch.device) -> RunSpec:
     """`spec` with `train.precision` concrete (auto resolved for `device`); raises TrainingError for
     a precision the device or the ZeRO stage cannot train in."""
     precision = spec.train.precision
     if precision == "auto":
-        precision = "bf16" if native_bf16(device) and spec.deepspeed.zero_stage >= 1 else "fp32"
+        precision = "bf16" if mfu.native_bf16(device) and spec.deepspeed.zero_stage >= 1 else "fp32"
         spec = with_changes(spec, {"train.precision": precision})
     if precision == "fp16" and device.type == "cpu":
         raise TrainingError(
@@ -63,7 +46,7 @@ def resolve_precision(spec: RunSpec, device: torch.device) -> RunSpec:
             "train.precision=bf16 needs deepspeed.zero_stage >= 1 (ZeRO-0 would accumulate gradients in bf16); "
             "use --set deepspeed.zero_stage=1, or train.precision=fp32"
         )
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    if precision == "bf16" and device.type == "cpu" and not mfu.cpu_has_native_bf16():
         warnings.warn(
             "train.precision=bf16 on a CPU without bf16 instructions (avx512_bf16 or AMX): its bf16 matmuls may run "
             "hundreds of times slower than fp32 (measured 400x on an AVX2 EPYC); train.precision=auto or fp32 "
