@@ -224,7 +224,7 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["preset", "path", "empty", "seq_len", "fp16", "resume", "ds_config"])
+@pytest.mark.parametrize("case", ["preset", "path", "empty", "seq_len", "fp16", "resume", "ds_config", "ds_precision"])
 def test_bad_input_is_one_line(cache_dir, tmp_path, case):
     out = tmp_path / "run"
     args, words = {
@@ -236,6 +236,9 @@ def test_bad_input_is_one_line(cache_dir, tmp_path, case):
         "resume": (["--resume"], ["--resume", "no checkpoint"]),
         "ds_config": (["--ds-config", str(_write(tmp_path / "c.json", '{"gradient_clipping": 5.0}'))],
                       ["gradient_clipping=5.0", "train.gradient_clipping=1.0"]),
+        "ds_precision": (["--set", "train.precision=fp32", "--ds-config",
+                          str(_write(tmp_path / "p.json", '{"bf16": {"enabled": true}}'))],
+                         ["enabled=True", "train.precision='fp32', so bf16.enabled=False"]),
     }[case]
     proc = train(cache_dir, out, *args)
     assert proc.returncode == 2, proc.stderr
@@ -358,3 +361,13 @@ def test_hellaswag_during_training(cache_dir, tmp_path):
     assert sorted(acc) == [1, 2] and all(v in {i / 8 for i in range(9)} for v in acc.values())
     missing = train(cache_dir, tmp_path / "other", "--set", "eval.hellaswag_limit=8")
     assert missing.returncode == 2 and "eval.hellaswag_path" in missing.stderr
+
+
+def test_explicit_bf16_warns_in_one_line_only_on_a_cpu_without_bf16(cache_dir, tmp_path):
+    proc = train(cache_dir, tmp_path / "run", "--set", "train.precision=bf16", "--set", "train.steps=1",
+                 "--set", "train.eval_every=1")
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "train.precision=bf16 on a CPU without" in line]
+    assert len(warned) == (0 if cpu_has_native_bf16() else 1), proc.stderr
+    assert all(line.startswith("training: warning: ") for line in warned)
+    assert "resolve_precision(" not in proc.stderr  # no source line under it

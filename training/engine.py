@@ -112,7 +112,8 @@ def resolve_ds_config(spec: RunSpec, path: str | None, world_size: int) -> dict:
     _fill(config["zero_optimization"], "stage", stage, path, "deepspeed.zero_stage")
     for precision in ("bf16", "fp16"):
         section = config.setdefault(precision, {})
-        _fill(section, "enabled", train.precision == precision, path, "train.precision")
+        _fill(section, "enabled", train.precision == precision, path,
+              f"train.precision={train.precision!r}, so {precision}.enabled")
     if "train_batch_size" in config:
         _fill(config, "train_batch_size", train.micro_batch_size * train.grad_accum * world_size, path,
               "train.micro_batch_size x train.grad_accum x world size")

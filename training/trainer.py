@@ -172,7 +172,12 @@ class StopFlag:
 def train(args: argparse.Namespace) -> int:
     spec, out = resolve_run(args)
     env = init_distributed()
-    spec = resolve_precision(spec, env.device)  # auto -> bf16 or fp32 for this device; spec.json records it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = resolve_precision(spec, env.device)  # auto -> bf16 or fp32 for this device; spec.json records it
+    if env.rank == 0:
+        for warning in caught:  # one line, without the source line `warnings` would print
+            print(f"training: warning: {warning.message}", file=sys.stderr)
     _check_layout(spec, env.world_size)
     import deepspeed
 

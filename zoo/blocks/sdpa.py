@@ -29,7 +29,6 @@ from zoo.blocks.kv_cache import causal_sdpa_mask
 
 MATMUL_PATH_MAX_KEYS = 1024  # CPU bf16 sequences up to this many keys take the matmul path
 QUERY_BLOCK = 128  # the matmul path's queries per block
-MATMUL_PATH_DTYPES = (torch.bfloat16,)  # compute dtypes that take it: in fp32 SDPA was even or faster (see above)
 
 
 def causal_attention(
@@ -39,7 +38,7 @@ def causal_attention(
     G may divide H (grouped-query attention). Returns (B, H, T, Dv)."""
     B, H, T, _ = q_BHTD.shape
     G, S = k_BGSD.shape[1], k_BGSD.shape[2]
-    if q_BHTD.device.type == "cpu" and compute_dtype(q_BHTD) in MATMUL_PATH_DTYPES and S <= MATMUL_PATH_MAX_KEYS:
+    if q_BHTD.device.type == "cpu" and compute_dtype(q_BHTD) == torch.bfloat16 and S <= MATMUL_PATH_MAX_KEYS:
         return _matmul_attention(q_BHTD, k_BGSD, v_BGSD, scale=scale, n_past=n_past)
     return F.scaled_dot_product_attention(
         q_BHTD, k_BGSD, v_BGSD, scale=scale, enable_gqa=G != H, **causal_sdpa_mask(T, n_past, q_BHTD.device)
@@ -62,7 +61,7 @@ def _matmul_attention(q_BHTD, k_BGSD, v_BGSD, *, scale: float, n_past: int) -> t
 
 
 def _matmul_attention_block(q_BHTD, k_BGSD, v_BGSD, *, scale: float, n_past: int) -> torch.Tensor:
-    dtype = compute_dtype(q_BHTD)
+    dtype = torch.bfloat16
     q_BHTD, k_BGSD, v_BGSD = q_BHTD.to(dtype), k_BGSD.to(dtype), v_BGSD.to(dtype)
     B, H, T, Dk = q_BHTD.shape
     G, S, Dv = k_BGSD.shape[1], k_BGSD.shape[2], v_BGSD.shape[-1]
