@@ -14,6 +14,7 @@ import datasets  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import training.data as data_module  # noqa: E402
 from training.data import (  # noqa: E402
     DataError,
     Tokenizer,
@@ -86,6 +87,44 @@ def test_leak_check_catches_a_leak(works, cache_dir):
     leaky, _ = pack([val_docs[0], *train_docs], works.tokenizer, seq_len=SMALL["seq_len"])
     complete, _ = documents_in(leaky, works.tokenizer)
     assert not set(complete).isdisjoint(val_docs)
+
+
+def _shared_windows(train_docs, val_docs, width=100):
+    """Validation windows of `width` characters (every offset) found verbatim in a training document."""
+    train_windows = {d[i:i + width] for d in train_docs for i in range(len(d) - width + 1)}
+    return sum(d[i:i + width] in train_windows for d in val_docs for i in range(len(d) - width + 1))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_no_validation_passage_in_training_text_of_the_builtin_corpus(seed, monkeypatch):
+    """pydoc's `specialnames` topic quotes other topics whole, and docstrings share boilerplate: a split
+    by distinct document put 31% (seed 0) and 49% (seed 3) of the validation 100-character windows in
+    training text. Grouping documents that share a passage leaves none; without it the check fails."""
+    docs = builtin_documents()
+    train_docs, val_docs = split_documents(docs, seed=seed)
+    assert len(set(val_docs)) == round(0.05 * len(set(docs))) and not set(train_docs) & set(val_docs)
+    assert _shared_windows(train_docs, val_docs) == 0
+
+    monkeypatch.setattr(data_module, "SHARED_CHARS", 10**9)  # no window fits: one group per document
+    leaky_train, leaky_val = split_documents(docs, seed=seed)
+    assert _shared_windows(leaky_train, leaky_val) > 1000
+
+
+def test_documents_sharing_a_passage_stay_in_one_split():
+    passage = "Now is the winter of our discontent made glorious summer by this sun of York; "
+    docs = [f"{passage}(play {i})" for i in range(6)] + [f"Speech {i}: " + passage[::-1] for i in range(3)]
+    docs += [f"a short unrelated line {i}" for i in range(40)]
+    for seed in range(8):
+        train, val = split_documents(docs, val_fraction=0.2, seed=seed)
+        shared = [d for d in val if passage in d]
+        assert len(shared) in (0, 6) and len([d for d in val if passage[::-1] in d]) in (0, 3)
+        assert len(val) == round(0.2 * len(docs))
+
+
+def test_split_refuses_when_every_document_shares_a_passage():
+    header = "Copyright (c) the authors. Licensed under the Apache License, Version 2.0. "
+    with pytest.raises(DataError, match="shares a passage"):
+        split_documents([f"{header}file {i}" for i in range(30)], seed=0)
 
 
 def test_duplicates_stay_in_one_split():
