@@ -18,6 +18,7 @@ import training.data as data_module  # noqa: E402
 from training.data import (  # noqa: E402
     DataError,
     Tokenizer,
+    TokenizerError,
     TrainBatches,
     builtin_documents,
     load_documents,
@@ -309,7 +310,46 @@ BAD_INPUTS = {  # case: (field the message must name, prepare_data arguments; {t
     "hub name": ("source", dict(source="hf:", seq_len=32, vocab_size=512)),
     "unknown format": ("source", dict(source="{tmp}/rows.csv", seq_len=32, vocab_size=512)),
     "bad separator": ("doc_separator", dict(**WORKS_300, seq_len=32, vocab_size=512, doc_separator="(")),
+    "broken jsonl": ("source", dict(source="{tmp}/broken.jsonl", seq_len=32, vocab_size=512)),
+    "not utf-8": ("source", dict(source="{tmp}/latin1.txt", seq_len=32, vocab_size=512)),
 }
+
+
+def test_a_file_rewritten_with_its_old_mtime_is_read_again(tmp_path):
+    """datasets keys its cache on path and mtime; cp -p, rsync -a and tar keep the mtime of new text."""
+    path = tmp_path / "c.txt"
+    path.write_text("alpha one\n\nbeta two\n")
+    stat = path.stat()
+    assert load_documents(str(path), cache_dir=tmp_path) == ["alpha one", "beta two"]
+    path.write_text("gamma three, longer\n\ndelta four\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load_documents(str(path), cache_dir=tmp_path) == ["gamma three, longer", "delta four"]
+
+
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_named(tmp_path):
+    (tmp_path / "act[1].txt").write_text("Enter Hamlet.\n\nExit Hamlet.\n")
+    assert load_documents(str(tmp_path / "act[1].txt"), cache_dir=tmp_path) == ["Enter Hamlet.", "Exit Hamlet."]
+
+
+def test_tokenizer_bytes_do_not_depend_on_the_core_count(tmp_path, monkeypatch):
+    """SentencePiece records its thread count in the model: the same corpus on a 1-core and a 2-core
+    machine gave different files, and --resume on the other machine refused the run."""
+    sample = load_documents(str(WORKS), max_documents=1500, cache_dir=tmp_path)
+    protos = []
+    for threads in (1, 2):
+        monkeypatch.setattr(data_module, "sentencepiece_threads", lambda threads=threads: threads)
+        tok, cached = load_or_train_tokenizer(sample, vocab_size=400, cache_dir=tmp_path / f"cache{threads}")
+        assert not cached
+        protos.append(tok.model_proto)
+    assert protos[0] == protos[1]
+    assert Tokenizer(protos[0]).same_model(Tokenizer(protos[1]))
+
+
+def test_a_corrupt_tokenizer_file_is_one_line(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(TokenizerError, match="is not a SentencePiece model") as error:
+        Tokenizer.load(tmp_path)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -318,6 +358,8 @@ def test_bad_input_raises_data_error_naming_the_field(case, tmp_path):
     (tmp_path / "one.txt").write_text("A single paragraph, nothing to hold out.\n")
     (tmp_path / "rows.jsonl").write_text('{"body": "text"}\n{"body": "more"}\n')
     (tmp_path / "rows.csv").write_text("text\nhello\n")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n')
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n\nd\xe9j\xe0 vu\n".encode("latin-1"))
     field, kwargs = BAD_INPUTS[case]
     kwargs = {key: value.format(tmp=tmp_path) if key == "source" else value for key, value in kwargs.items()}
     with pytest.raises(DataError) as error:

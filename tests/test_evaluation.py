@@ -27,6 +27,7 @@ from zoo.checkpoint import save_run_folder  # noqa: E402
 from zoo.cli import main  # noqa: E402
 from training.evaluation import ZooLM, hellaswag_accuracy, hellaswag_docs, local_task  # noqa: E402
 from training.evaluation.harness import perplexity  # noqa: E402
+from training.evaluation.lm import EvalError  # noqa: E402
 from training.evaluation.tasks import hellaswag_requests, multiple_choice_scores  # noqa: E402
 from zoo.overrides import with_changes  # noqa: E402
 
@@ -50,7 +51,7 @@ def run(tmp_path_factory):
     trained on a slice of Tiny Shakespeare."""
     paragraphs = [p for p in (DATA / "tinyshakespeare.txt").read_text().split("\n\n") if p.strip()][:1500]
     tokenizer, _ = load_or_train_tokenizer(paragraphs, vocab_size=VOCAB, cache_dir=tmp_path_factory.mktemp("cache"))
-    changes = {"model.vocab_size": VOCAB, "model.max_seq_len": MAX_LEN}
+    changes = {"model.vocab_size": VOCAB, "model.max_seq_len": 2 * MAX_LEN, "data.seq_len": MAX_LEN}
     spec = with_changes(presets.get("deepseek_glm4", tiny=True), changes)
     model = zoo.build(spec).eval()
     run_dir = tmp_path_factory.mktemp("run")
@@ -118,6 +119,37 @@ def test_batching_padding_and_left_truncation_do_not_change_scores(run):
     # The long request keeps its last MAX_LEN + 1 tokens, as lm-eval's hf class does.
     kept = long_ids[-(MAX_LEN + 1):]
     assert many[-1][0] == pytest.approx(_score(model, kept[:-2], kept[-2:]), abs=LOGPROB_TOL)
+
+
+def test_context_is_the_trained_length_not_the_models_maximum(run, lm):
+    """The run trained on data.seq_len = MAX_LEN of its 2 * MAX_LEN positions: evaluation stays there."""
+    assert lm.max_length == run[2].data.seq_len == MAX_LEN < run[2].model.max_seq_len
+
+
+def test_a_shorter_continuation_sharing_the_input_is_scored_on_the_last_positions(run, lm):
+    """lm-eval's Collator scores requests whose context + continuation[:-1] agree once, with the
+    longest continuation's log-probs; a request with a shorter continuation owns the last ones."""
+    _, model, _, tokenizer = run
+    ids = tokenizer.encode("Now is the winter of our discontent made glorious summer")
+    requests = [(None, ids[:-3], ids[-3:]), (None, ids[:-1], ids[-1:]), (None, ids[:-2], ids[-2:])]
+    scores = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (_, context, continuation), (logprob, _) in zip(requests, scores):
+        assert logprob == pytest.approx(_score(model, context, continuation), abs=LOGPROB_TOL)
+
+
+def test_batch_size_below_one_is_refused(run):
+    with pytest.raises(EvalError, match="batch_size=0 must be >= 1"):
+        ZooLM(str(run[0]), batch_size=0)
+
+
+def test_malformed_hellaswag_file_names_the_file_and_line(tmp_path):
+    with pytest.raises(EvalError, match=r"lambada_openai_test.jsonl, line 1: not a HellaSwag record \(KeyError"):
+        hellaswag_docs(DATA / "lambada_openai_test.jsonl")
+    bad = tmp_path / "h.jsonl"
+    bad.write_text(HELLASWAG.read_text().split("\n", 1)[0] + "\n{not json\n")
+    with pytest.raises(EvalError, match=r"h.jsonl, line 2: not a HellaSwag record \(JSONDecodeError"):
+        hellaswag_docs(bad)
+    assert len(hellaswag_docs(bad, limit=1)) == 1
 
 
 def test_rolling_loglikelihood_scores_every_token_once(run, lm):
@@ -216,7 +248,7 @@ def test_cross_check_against_lm_evals_hf_class_on_the_exported_model(run, lm, he
     for doc in hellaswag_docs(HELLASWAG, limit=N_ITEMS):
         for text in (doc["query"], *(doc["query"] + " " + choice for choice in doc["choices"])):
             assert hf_tokenizer.encode(text) == tokenizer.encode(text), text
-    hf = HFLM(pretrained=str(tmp_path / "hf"), tokenizer=hf_tokenizer, max_length=spec.model.max_seq_len,
+    hf = HFLM(pretrained=str(tmp_path / "hf"), tokenizer=hf_tokenizer, max_length=spec.data.seq_len,
               batch_size=8, device="cpu", dtype="float32")
 
     hf_out, zoo_out = (_evaluate(model_, hellaswag_task, log_samples=True) for model_ in (hf, lm))

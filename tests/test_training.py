@@ -356,11 +356,16 @@ def test_hellaswag_during_training(cache_dir, tmp_path):
     proc = train(cache_dir, out, "--set", "train.steps=2", "--set", "train.eval_every=1", "--set", "eval.hellaswag_limit=8",
                  "--set", f"eval.hellaswag_path={data}")
     assert proc.returncode == 0, proc.stderr
-    assert "HellaSwag acc_norm" in proc.stdout
+    assert "HellaSwag acc_norm" in proc.stdout and "(n=8)" in proc.stdout
     acc = scalars(out, "hellaswag/acc_norm")
     assert sorted(acc) == [1, 2] and all(v in {i / 8 for i in range(9)} for v in acc.values())
     missing = train(cache_dir, tmp_path / "other", "--set", "eval.hellaswag_limit=8")
     assert missing.returncode == 2 and "eval.hellaswag_path" in missing.stderr
+    # Another file: refused before training starts, not eval_every steps in, as a traceback.
+    lambada = data.with_name("lambada_openai_test.jsonl")
+    wrong = train(cache_dir, tmp_path / "wrong", "--set", "eval.hellaswag_limit=8", "--set", f"eval.hellaswag_path={lambada}")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr
+    assert "line 1: not a HellaSwag record" in wrong.stderr and not (tmp_path / "wrong" / "checkpoints").exists()
 
 
 def test_explicit_bf16_warns_in_one_line_only_on_a_cpu_without_bf16(cache_dir, tmp_path):

@@ -32,7 +32,8 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from zoo.tokenizer import TOKENIZER_FILENAME, Tokenizer, TokenizerError, sentencepiece_threads, write_atomic  # noqa: F401
+from zoo.tokenizer import (  # noqa: F401
+    TOKENIZER_FILENAME, Tokenizer, TokenizerError, canonical_proto, sentencepiece_threads, write_atomic)
 
 
 class DataError(ValueError):
@@ -128,8 +129,28 @@ def _hub_documents(source: str, text_field: str, max_documents: int | None) -> l
     return [first[text_field], *(row[text_field] for row in rows)]
 
 
+def _files_digest(files: list[str]) -> str:
+    """A hash of the files' names and contents. `datasets` keys its cache on path and mtime only, so a
+    file rewritten with its old mtime (cp -p, rsync -a, tar) would silently load the old text."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.path.abspath(path).encode() + b"\0")
+        with open(path, "rb") as file:
+            digest.update(hashlib.file_digest(file, "sha256").digest())
+    return digest.hexdigest()[:20]
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _local_documents(source: str, text_field: str, doc_separator: str | None, cache_dir: Path) -> list[str]:
-    files = sorted(path for path in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(path))
+    path = os.path.expanduser(source)
+    # An existing file is read as named: glob would take "a[1].txt" for a pattern.
+    files = [path] if os.path.isfile(path) else sorted(
+        match for match in glob.glob(path, recursive=True) if os.path.isfile(match))
     if not files:
         raise DataError(f"source={source!r} matches no file; give 'builtin', 'hf:owner/name', "
                         "or an existing path or glob such as 'data/*.txt'")
@@ -140,8 +161,15 @@ def _local_documents(source: str, text_field: str, doc_separator: str | None, ca
     # sample_by="document": one row per file, split into paragraphs below. (The text builder's own
     # "paragraph" mode splits on a bare "\n\n" only, so runs of blank lines would leave empty rows.)
     options = {"sample_by": "document"} if builder == "text" else {}
-    dataset = datasets.load_dataset(builder, data_files=files, split="train",
-                                    cache_dir=str(cache_dir / "datasets"), **options)
+    try:
+        # escaped: datasets expands data_files as patterns too
+        dataset = datasets.load_dataset(builder, data_files=[glob.escape(path) for path in files], split="train",
+                                        cache_dir=str(cache_dir / "datasets" / _files_digest(files)), **options)
+    except Exception as error:  # datasets says only "An error occurred while generating the dataset"
+        cause = _root_cause(error)
+        raise DataError(f"source={source!r}: cannot read it as {builder} ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}); check the file's format and "
+                        "encoding (UTF-8)") from error
     if builder == "text":
         if doc_separator is None:
             return list(dataset["text"])
@@ -298,8 +326,8 @@ def load_or_train_tokenizer(sample: list[str], *, vocab_size: int,
         key.update(doc.encode())
         key.update(b"\0")  # document boundary: ["ab"] and ["a", "b"] train differently
     path = Path(cache_dir) / "tokenizers" / f"spm-bpe{vocab_size}-{key.hexdigest()[:20]}.model"
-    if path.is_file():
-        return Tokenizer(path.read_bytes()), True
+    if path.is_file():  # canonical: a file cached before canonical_proto existed records its thread count
+        return Tokenizer(canonical_proto(path.read_bytes())), True
 
     chunks = (doc[i:i + _SPM_CHUNK_CHARS] for doc in sample for i in range(0, len(doc), _SPM_CHUNK_CHARS))
     model = io.BytesIO()
@@ -308,7 +336,7 @@ def load_or_train_tokenizer(sample: list[str], *, vocab_size: int,
                                        num_threads=sentencepiece_threads(), minloglevel=2, **SPM_OPTIONS)
     except RuntimeError as error:
         raise _vocab_error(vocab_size, str(error)) from error
-    tokenizer = Tokenizer(model.getvalue())
+    tokenizer = Tokenizer(canonical_proto(model.getvalue()))  # the same bytes whatever the core count
     assert tokenizer.vocab_size == vocab_size and tokenizer.eos_id == EOS_ID
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, tokenizer.model_proto)

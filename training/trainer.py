@@ -102,6 +102,15 @@ def _check_layout(spec: RunSpec, world_size: int) -> None:
         if path is None or not Path(path).is_file():
             raise TrainingError(f"eval.hellaswag_limit={spec.eval.hellaswag_limit} needs eval.hellaswag_path to name "
                                 f"a HellaSwag JSONL file (got {path!r}), e.g. ../shared/data/hellaswag_val.jsonl")
+        from training.evaluation.lm import EvalError
+        from training.evaluation.tasks import hellaswag_docs
+
+        try:  # the records the evaluations will read, now rather than eval_every steps into training
+            docs = hellaswag_docs(path, spec.eval.hellaswag_limit)
+        except EvalError as err:
+            raise TrainingError(f"eval.hellaswag_path: {err}") from None
+        if not docs:
+            raise TrainingError(f"eval.hellaswag_path={path!r} holds no HellaSwag records")
     if ep > 1:
         if world_size % ep:
             raise TrainingError(f"deepspeed.ep_size={ep} must divide the number of ranks ({world_size})")
@@ -118,14 +127,18 @@ def _prepare_data(spec: RunSpec, rank: int) -> PreparedData:
                   val_fraction=data.val_fraction, seed=spec.train.seed, text_field=data.text_field,
                   max_documents=data.max_documents, tokenizer_sample_chars=data.tokenizer_sample_chars,
                   cache_dir=Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo")))
-    error, prepared = None, None
+    error, prepared, unexpected = None, None, None
     if rank == 0:
         try:
             prepared = prepare_data(**kwargs)
         except DataError as err:
             error = str(err)
+        except Exception as err:  # a bug or an environment problem: rank 0 shows the traceback
+            error, unexpected = f"rank 0 failed to prepare the data ({type(err).__name__}: {err})", err
     shared = [error]
     dist.broadcast_object_list(shared, src=0)  # so no rank waits forever on one that failed
+    if unexpected is not None:
+        raise unexpected
     if shared[0]:
         raise DataError(shared[0])
     return prepared if prepared is not None else prepare_data(**kwargs)
@@ -188,7 +201,7 @@ def train(args: argparse.Namespace) -> int:
     prepared = _prepare_data(spec, env.rank)
     _check_min_data(prepared, spec, env.world_size)
     tokenizer: Tokenizer = prepared.tokenizer
-    if args.resume and (out / "tokenizer.model").read_bytes() != tokenizer.model_proto:
+    if args.resume and not Tokenizer.load(out).same_model(tokenizer):
         raise TrainingError(f"--resume: the data now gives a different tokenizer than {out / 'tokenizer.model'}; "
                             "the corpus or its settings changed since the run started")
 
@@ -287,12 +300,12 @@ def train(args: argparse.Namespace) -> int:
                     observer.scalars(done, {"moe/routing_bias_rank_spread": _rank_spread(biased)})
                 observer.progress(done, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}", "mfu": f"{mfu:.1%}"})
             if done % spec.train.eval_every == 0 or done == spec.train.steps:
-                val = evaluate(engine, val_batches, env.device)
+                val, hellaswag = evaluate(engine, val_batches, env.device), ""
                 if spec.eval.hellaswag_limit:
-                    val.update(_hellaswag(engine, tokenizer, spec))
+                    scores = _hellaswag(engine, tokenizer, spec)
+                    val.update({"hellaswag/acc": scores["acc"], "hellaswag/acc_norm": scores["acc_norm"]})
+                    hellaswag = f", HellaSwag acc_norm {scores['acc_norm']:.3f} (n={scores['n']})"  # items scored
                 observer.scalars(done, val)
-                hellaswag = (f", HellaSwag acc_norm {val['hellaswag/acc_norm']:.3f} (n={spec.eval.hellaswag_limit})"
-                             if "hellaswag/acc_norm" in val else "")
                 observer.message(f"step {done}: val loss {val['val/loss']:.4f} ppl {val['val/ppl']:.1f} "
                                  f"acc {val['val/acc']:.3f}{hellaswag}")
             stopping = packed[-1].item() > 0 or done == args.stop_after
@@ -327,11 +340,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _hellaswag(engine, tokenizer: Tokenizer, spec: RunSpec) -> dict[str, float]:
+    """hellaswag_accuracy's {"acc", "acc_norm", "n"} at the length the model trains on."""
     from training.evaluation import hellaswag_accuracy
 
-    scores = hellaswag_accuracy(engine.module, tokenizer, spec.eval.hellaswag_path, limit=spec.eval.hellaswag_limit,
-                                batch_size=spec.train.micro_batch_size, max_length=spec.model.max_seq_len)
-    return {"hellaswag/acc": scores["acc"], "hellaswag/acc_norm": scores["acc_norm"]}
+    return hellaswag_accuracy(engine.module, tokenizer, spec.eval.hellaswag_path, limit=spec.eval.hellaswag_limit,
+                              batch_size=spec.train.micro_batch_size, max_length=spec.data.seq_len)
 
 
 def _check_grad_norm(engine, spec: RunSpec, step: int) -> None:

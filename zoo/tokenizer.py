@@ -27,6 +27,10 @@ class Tokenizer:
         self.model_proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
 
+    def same_model(self, other: Tokenizer) -> bool:
+        """Same pieces, scores and normalization: the files may differ only in how training ran."""
+        return canonical_proto(self.model_proto) == canonical_proto(other.model_proto)
+
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
@@ -58,7 +62,22 @@ class Tokenizer:
         path = path / TOKENIZER_FILENAME if path.is_dir() else path
         if not path.is_file():
             raise TokenizerError(f"tokenizer path {str(path)!r} does not exist; save one with Tokenizer.save(run_dir)")
-        return cls(path.read_bytes())
+        try:
+            return cls(path.read_bytes())
+        except RuntimeError as error:  # SentencePiece: "INTERNAL: ... ParseFromArray"
+            raise TokenizerError(f"tokenizer file {str(path)!r} is not a SentencePiece model ({error}); "
+                                 "restore it from the run folder it came from") from None
+
+
+def canonical_proto(model_proto: bytes) -> bytes:
+    """The model without `trainer_spec.num_threads`: SentencePiece records the thread count it trained
+    with, so the same corpus gave different bytes on machines with different core counts (and
+    `--resume` on another machine refused a run whose tokenizer was the same)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+    model.trainer_spec.ClearField("num_threads")
+    return model.SerializeToString(deterministic=True)
 
 
 def sentencepiece_threads() -> int:

@@ -104,7 +104,8 @@ def perplexity(lm: ZooLM, path: str | Path, *, limit: int | None = None) -> dict
         raise EvalError(f"--ppl {path}: no such file")
     with tempfile.TemporaryDirectory() as cache_dir:  # datasets' cache for the file: nothing left behind
         try:
-            docs = load_documents(str(path), max_documents=limit, cache_dir=cache_dir)
+            # absolute, so a file named 'builtin' or 'hf:x' is read as the file it is
+            docs = load_documents(str(path.resolve()), max_documents=limit, cache_dir=cache_dir)
         except DataError as err:
             raise EvalError(f"--ppl {path}: {err}") from None
     requests = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(doc,), idx=0) for doc in docs]

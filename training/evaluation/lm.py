@@ -1,7 +1,7 @@
 """`ZooLM`: an lm-eval model (registered as `zoo`) over a run folder or an in-memory DecoderLM.
 
     lm = ZooLM("runs/my_run")                           # spec.json + model.safetensors + tokenizer.model
-    lm = ZooLM(model=model, tokenizer=tok, max_length=spec.model.max_seq_len)   # during training
+    lm = ZooLM(model=model, tokenizer=tok, max_length=spec.data.seq_len)   # during training
     lm_eval.simple_evaluate(model=lm, tasks=[...])      # or: zoo eval RUN_DIR --tasks ...
 
 It subclasses lm-eval's `TemplateLM`, so a (context, continuation) request is split into tokens by
@@ -68,13 +68,17 @@ class ZooLM(TemplateLM):
                 raise EvalError(f"dtype={dtype!r} is not a torch dtype; use float32 or bfloat16")
             model, spec, tokenizer = load_run(pretrained, dtype=getattr(torch, dtype))
             model = model.to(device or "cpu")
-            max_length = max_length or spec.model.max_seq_len
+            # The length it trained on: positions past data.seq_len (up to model.max_seq_len) were never
+            # seen, and scoring there would make `zoo eval --ppl` worse than val/ppl for no reason.
+            max_length = max_length or spec.data.seq_len
         elif tokenizer is None:  # an in-memory model stays where it is (`device` is ignored)
             raise EvalError("ZooLM(model=...) also needs tokenizer= (encode/decode/eos_id)")
         self.model, self.tokenizer = model, tokenizer
         self._max_length = int(max_length or DEFAULT_MAX_LENGTH)
         # "auto" (lm-eval's CLI) has no meaning on CPU: take the default.
         self.batch_size = DEFAULT_BATCH_SIZE if batch_size in (None, "auto") else int(batch_size)
+        if self.batch_size < 1:  # lm-eval's Collator would make one batch of everything
+            raise EvalError(f"batch_size={batch_size} must be >= 1 (default {DEFAULT_BATCH_SIZE})")
         self.max_gen_toks = DEFAULT_MAX_GEN_TOKS
 
     # ------------------------------------------------------------------ what TemplateLM asks for
@@ -157,7 +161,8 @@ class ZooLM(TemplateLM):
                 ):
                     cont_1C = torch.tensor([cont], dtype=torch.long, device=logprobs_1CV.device)
                     is_greedy = bool((greedy_1C[:, -cont_1C.shape[1]:] == cont_1C).all())
-                    logprob = float(logprobs_1CV.gather(2, cont_1C.unsqueeze(-1)).sum())
+                    # A request sharing the input with a shorter continuation: its tokens are the last ones.
+                    logprob = float(logprobs_1CV[:, -cont_1C.shape[1]:].gather(2, cont_1C.unsqueeze(-1)).sum())
                     results.append((logprob, is_greedy))
                     if strings_ is not None:
                         self.cache_hook.add_partial("loglikelihood", strings_, (logprob, is_greedy))

@@ -75,18 +75,23 @@ def hellaswag_docs(path: str | Path, limit: int | None = None) -> list[dict]:
         raise EvalError(f"HellaSwag file {path} does not exist")
     docs = []
     with path.open() as lines:
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             if limit is not None and len(docs) >= limit:
                 break
             if not line.strip():
                 continue
-            doc = json.loads(line)
-            ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-            docs.append({
-                "query": preprocess(doc["activity_label"] + ": " + ctx),
-                "choices": [preprocess(ending) for ending in doc["endings"]],
-                "gold": int(doc["label"]),
-            })
+            try:
+                doc = json.loads(line)
+                ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+                docs.append({
+                    "query": preprocess(doc["activity_label"] + ": " + ctx),
+                    "choices": [preprocess(ending) for ending in doc["endings"]],
+                    "gold": int(doc["label"]),
+                })
+            except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
+                raise EvalError(f"HellaSwag file {path}, line {number}: not a HellaSwag record "
+                                f"({type(err).__name__}: {err}); each line needs activity_label, ctx_a, ctx_b, "
+                                "endings and label, as in ../shared/data/hellaswag_val.jsonl") from None
     return docs
 
 
@@ -121,7 +126,7 @@ def hellaswag_accuracy(
     """{"acc", "acc_norm", "n"} of an in-memory model on the first `limit` HellaSwag items of `path`.
 
     `tokenizer` needs encode/decode/eos_id (training.data.Tokenizer); pass `max_length` =
-    spec.model.max_seq_len so long items are truncated as `zoo eval` truncates them. The model's
+    spec.data.seq_len so long items are truncated as `zoo eval` truncates them. The model's
     train/eval mode is restored afterwards."""
     docs = hellaswag_docs(path, limit)
     if not docs:
