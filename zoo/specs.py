@@ -208,6 +208,14 @@ class MoESpec(Spec):
                 f"lower top_k or raise n_experts"
             )
         router = self.router
+        if self.top_k == 1 and router.norm_topk_prob:
+            # One weight normalised by itself is 1 (times routed_scaling_factor): a constant, so the LM
+            # loss sends the router no gradient.
+            raise ValueError(
+                f"top_k (1) with router.norm_topk_prob (True) makes every combine weight a constant and "
+                "leaves the router without gradient from the LM loss; set router.norm_topk_prob=false "
+                "or top_k >= 2"
+            )
         if isinstance(router, SigmoidGroupTopKRouterSpec):
             if self.n_experts % router.n_groups:
                 raise ValueError(
