@@ -123,6 +123,17 @@ class RotaryEmbedding(nn.Module):
         return f"dim={self.dim}, theta={self.theta}, scaling={self.scaling}, factor={self.factor}"
 
 
+def check_positions(positions: torch.Tensor, seq_len: int) -> None:
+    """Positions are (T,), shared by every row of the batch. A (B, T) tensor would not fail but
+    broadcast its cos/sin (B, T, R/2) against (B, H, T, R/2), lining batch rows up with heads."""
+    if positions.ndim != 1 or positions.shape[0] != seq_len:
+        raise ValueError(
+            f"positions has shape {tuple(positions.shape)}, expected ({seq_len},): one position per step, "
+            "shared by every row of the batch; per-row positions are not supported (pass positions[0] if "
+            "the rows agree)"
+        )
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout = "half") -> torch.Tensor:
     """Rotate (..., T, R) by angles whose cos/sin are (T, R/2); output in half layout."""
     half = x.shape[-1] // 2
