@@ -33,6 +33,9 @@ BAD_SPECS = [
     ({"model.ffn.n_experts": 0}, ["model.ffn.n_experts", "greater than or equal to 1"]),
     ({"train.precision": "fp8"}, ["train.precision", "'fp32', 'bf16' or 'fp16'"]),
     ({"model.attention.rope.scaling": {"kind": "yarn", "beta_fast": 1, "beta_slow": 2}}, ["beta_slow (2.0)", "beta_fast"]),
+    ({"model.attention.rope.theta": 1.0}, ["model.attention.rope", "theta (1.0)", "> 1"]),
+    ({"model.attention.qk_rope_head_dim": 2, "model.attention.rope.scaling": {"kind": "dynamic_ntk"}},
+     ["layer 0 attention", "dynamic_ntk", "qk_rope_head_dim (2)", "set qk_rope_head_dim >= 4"]),
     ({"model.attention.rope.scaling.kind": "ntk"}, ["model.attention.rope.scaling", "kind", "'ntk'"]),
 ]
 
@@ -63,6 +66,19 @@ def test_top1_with_normalised_weights_is_refused_for_both_routers():
             validate(MoESpec, {"top_k": 1, "router": router})
         validate(MoESpec, {"top_k": 1, "router": {**router, "norm_topk_prob": False}})
         validate(MoESpec, {"top_k": 2, "router": router})
+
+
+def test_rope_theta_and_dynamic_ntk_rotary_dims():
+    """theta = 1 made YaRN divide by ln(theta) at build; dynamic NTK with 2 rotary dims divided by
+    R - 2 = 0 on the first sequence longer than original_max_seq_len."""
+    with pytest.raises(SpecError, match=r"theta \(1.0\) must be > 1"):
+        validate(ModelSpec, {"attention": {"kind": "mha", "rope": {"theta": 1.0, "scaling": {"kind": "yarn"}}}})
+    ntk = {"scaling": {"kind": "dynamic_ntk"}}
+    with pytest.raises(SpecError, match=r"head_dim \(16\) x rotary_fraction \(0.125\) = 2; raise rotary_fraction"):
+        validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.125,
+                                                          "rope": ntk}})
+    validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.25, "rope": ntk}})
+    validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.125}})
 
 
 def test_layer_override_checks():

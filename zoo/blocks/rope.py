@@ -73,6 +73,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"RotaryEmbedding dim must be even, got {dim}")
+        if theta <= 1:
+            raise ValueError(f"RoPE theta must be > 1 (YaRN divides by ln(theta)), got {theta}")
+        if scaling == "dynamic_ntk" and dim < 4:
+            raise ValueError(f"dynamic NTK RoPE needs dim >= 4 (it rescales by ratio^(dim / (dim - 2))), got {dim}")
         if scaling in ("dynamic_ntk", "yarn") and original_max_seq_len is None:
             raise ValueError(f"RoPE scaling {scaling!r} needs original_max_seq_len")
         self.dim, self.theta, self.scaling, self.factor = dim, theta, scaling, factor
