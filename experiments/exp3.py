@@ -26,8 +26,12 @@ N_SHARED = 1  # the GLM-4.5 MoE's shared expert, as wide as a routed one
 
 
 def _variant(n_experts: int, top_k: int, lr: float) -> Variant:
-    return Variant(changes={"model.ffn.n_experts": n_experts, "model.ffn.top_k": top_k,
-                            "model.ffn.d_expert": ACTIVE_FFN_HIDDEN // (top_k + N_SHARED), "train.muon_lr": lr})
+    changes = {"model.ffn.n_experts": n_experts, "model.ffn.top_k": top_k,
+               "model.ffn.d_expert": ACTIVE_FFN_HIDDEN // (top_k + N_SHARED), "train.muon_lr": lr}
+    if top_k == 1:
+        # One weight normalised by itself is a constant 1: the router would get no LM-loss gradient.
+        changes["model.ffn.router.norm_topk_prob"] = False
+    return Variant(changes=changes)
 
 
 EXPERIMENT = Experiment(

@@ -56,6 +56,26 @@ def test_causality(kind):
             assert (logits[:, t:] - base[:, t:]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_positions_must_be_one_per_step(kind):
+    """(B, T) positions used to pass silently when B equals the head count: their (B, T, R/2) cos/sin
+    broadcast against (B, H, T, R/2), rotating head h of every row by row h's positions."""
+    spec = ModelSpec(vocab_size=97, d_model=D, n_layers=1, max_seq_len=16,
+                     attention=ATTENTION_KINDS[kind], ffn=MLPSpec(d_hidden=96))
+    model = zoo.build(spec).eval()
+    B, T = 4, 8  # B = n_heads
+    ids = torch.randint(0, 97, (B, T))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, positions=torch.arange(T)).logits, model(ids).logits, rtol=0, atol=0)
+        per_row_BT = torch.arange(T).expand(B, T)
+        with pytest.raises(ValueError, match=r"positions has shape \(4, 8\), expected \(8,\)"):
+            model(ids, positions=per_row_BT)
+        with pytest.raises(ValueError, match=r"positions has shape \(4, 8\), expected \(8,\)"):
+            model.layers[0].attention(model.embed(ids), per_row_BT)
+        with pytest.raises(ValueError, match=r"positions has shape \(5,\), expected \(8,\)"):
+            model(ids, positions=torch.arange(5))
+
+
 def _rope(dim):
     return RotaryEmbedding(dim=dim)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from zoo import presets
 from zoo.builders import build
@@ -36,6 +37,25 @@ def test_bf16_matmuls_keep_an_fp32_weight_gradient():
     assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
     ref = F.cross_entropy(F.linear(h.detach(), w.detach()), labels)
     assert abs(out.item() - ref.item()) < 2e-2 * ref.item()
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_evaluation_computes_only_the_loss(no_grad, monkeypatch):
+    """Under no_grad the Function used to see needs_input_grad True for inputs that require grad, and
+    did the two gradient matmuls per chunk (3x the FLOPs of the logits alone)."""
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", {"cpu": 300})  # several chunks
+    N, D, V = 53, 16, 40
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    labels = torch.randint(0, V, (N,))
+    with FlopCounterMode(display=False) as training_flops:
+        trained = linear_cross_entropy(h, w, labels)
+    with no_grad(), FlopCounterMode(display=False) as eval_flops:
+        evaluated = linear_cross_entropy(h, w, labels)
+    assert torch.equal(evaluated, trained.detach()) and not evaluated.requires_grad
+    logits_flops = 2 * N * D * V
+    assert training_flops.get_total_flops() == 3 * logits_flops  # the count sees the gradient matmuls
+    assert eval_flops.get_total_flops() == logits_flops
 
 
 def test_all_rows_ignored_gives_nan_like_cross_entropy():

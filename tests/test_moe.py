@@ -237,6 +237,23 @@ def test_bias_stays_fp32_in_a_bf16_model():
     assert router.e_score_correction_bias[0].item() == pytest.approx(1.0 - 1e-3)  # bf16 would round to 1.0
 
 
+@pytest.mark.parametrize("router_cls", [SoftmaxTopKRouter, SigmoidGroupTopKRouter])
+def test_routing_stays_fp32_under_bf16_autocast(router_cls):
+    """Autocast would run the router's linear in bf16 (the .float() casts do not stop it); in this
+    64-expert top-6 case that changed the expert set of 2% (softmax) and 12% (grouped) of tokens."""
+    torch.manual_seed(0)
+    kwargs = {} if router_cls is SoftmaxTopKRouter else {"n_groups": 8, "topk_groups": 4}
+    router = router_cls(d_model=64, n_experts=64, top_k=6, **kwargs)
+    _randomize(router)
+    x = torch.randn(2, 128, 64)
+    reference = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(x)
+    assert routing.weights_TK.dtype == routing.probs_TE.dtype == torch.float32
+    assert torch.equal(routing.experts_TK, reference.experts_TK)
+    assert torch.equal(routing.weights_TK, reference.weights_TK)
+
+
 def test_softmax_router_balance_and_z_loss_closed_form():
     router = SoftmaxTopKRouter(d_model=D, n_experts=4, top_k=2, balance_loss_weight=0.1, z_loss_weight=0.01)
     _randomize(router)

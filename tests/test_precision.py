@@ -109,6 +109,54 @@ def test_matmul_peak_skips_sizes_that_would_exceed_its_budget(monkeypatch):
     assert time.perf_counter() - start < 5
 
 
+def test_matmul_peak_is_measured_on_the_device_asked_for(monkeypatch):
+    """It used to create its matrices without a device: a GPU's MFU was divided by the CPU's peak."""
+    devices = []
+    real_mm = torch.mm
+
+    def mm(a, b):
+        devices.append((a.device.type, b.device.type))
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    mfu.measure_matmul_peak(torch.float32, torch.device("meta"), sizes=(512,), repeats=1)  # meta: no compute
+    assert devices and set(devices) == {("meta", "meta")}
+
+
+def _peak_on_a_fake_gpu(monkeypatch, name: str, dtype: torch.dtype) -> float | tuple:
+    """peak_flops for a CUDA GPU called `name`; a measurement comes back as ("measured", dtype, device)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(mfu, "measure_matmul_peak", lambda dtype, device=None, **_: ("measured", dtype, device))
+    return mfu.peak_flops(dtype, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA L4", 121e12), ("NVIDIA A10", 125e12), ("NVIDIA GeForce RTX 4090", 165e12),
+])
+def test_datasheet_peak_matches_the_gpu_model(monkeypatch, name, peak):
+    assert _peak_on_a_fake_gpu(monkeypatch, name, torch.bfloat16) == peak
+
+
+@pytest.mark.parametrize("name", ["NVIDIA L40S", "NVIDIA A10G", "Tesla T4"])
+def test_a_gpu_missing_from_the_table_is_measured_on_itself(monkeypatch, name):
+    """"NVIDIA L40S" contains "L4" and used to get the L4's peak (121 TFLOP/s; an L40S has ~3x that)."""
+    assert _peak_on_a_fake_gpu(monkeypatch, name, torch.bfloat16) == ("measured", torch.bfloat16, torch.device("cuda"))
+
+
+def test_fp32_on_a_gpu_is_half_the_bf16_peak_only_with_tf32(monkeypatch):
+    """Without TF32 (PyTorch's default) fp32 matmuls run on CUDA cores, 67 against 989 TFLOP/s on an
+    H100: the table cannot say, so it is measured; it used to be the TF32 rate whatever the setting."""
+    name, was = "NVIDIA H100 80GB HBM3", torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _peak_on_a_fake_gpu(monkeypatch, name, torch.float32) == ("measured", torch.float32, torch.device("cuda"))
+        torch.set_float32_matmul_precision("high")  # allows TF32
+        assert _peak_on_a_fake_gpu(monkeypatch, name, torch.float32) == 989e12 / 2
+    finally:
+        torch.set_float32_matmul_precision(was)
+
+
 @pytest.mark.parametrize("native,method", [(True, "standard"), (False, "gram")])
 def test_newton_schulz_runs_in_bf16_only_on_a_cpu_with_bf16(monkeypatch, native, method):
     """DeepSpeed's "standard" Newton-Schulz runs in bf16 on any CPU; "gram" in fp16 where oneDNN has

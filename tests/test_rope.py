@@ -88,3 +88,11 @@ def test_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
     assert rope.inv_freq.dtype == torch.float32 and torch.equal(rope.inv_freq, reference)
     # bf16 frequencies would misplace position 4096 by more than half a radian.
     assert (4096 * reference - 4096 * reference.bfloat16().float()).abs().max() > 0.5
+
+
+def test_degenerate_theta_and_ntk_dims_are_refused_at_construction():
+    with pytest.raises(ValueError, match="theta must be > 1"):
+        RotaryEmbedding(dim=DIM, theta=1.0, scaling="yarn", factor=4.0, original_max_seq_len=16)
+    with pytest.raises(ValueError, match="dynamic NTK RoPE needs dim >= 4"):
+        RotaryEmbedding(dim=2, scaling="dynamic_ntk", factor=2.0, original_max_seq_len=16)
+    RotaryEmbedding(dim=4, scaling="dynamic_ntk", factor=2.0, original_max_seq_len=16)(torch.arange(32))

@@ -23,6 +23,8 @@ BAD_SPECS = [
     ({"model.ffn.router.topk_groups": 2}, ["topk_groups (2)", "n_groups (1)"]),
     ({"model.ffn.router": {"kind": "sigmoid_group_topk", "n_groups": 4, "topk_groups": 1}, "model.ffn.top_k": 3},
      ["top_k (3)", "topk_groups"]),
+    ({"model.ffn.top_k": 1}, ["model.ffn", "top_k (1)", "router.norm_topk_prob (True)", "norm_topk_prob=false",
+                              "top_k >= 2"]),
     ({"model.attention.qk_rope_head_dim": 7}, ["qk_rope_head_dim (7)", "even"]),
     ({"model.first_k_dense": 9}, ["first_k_dense (9)", "n_layers (6)"]),
     ({"model.dense_ffn": None}, ["dense_ffn", "first_k_dense"]),
@@ -31,6 +33,9 @@ BAD_SPECS = [
     ({"model.ffn.n_experts": 0}, ["model.ffn.n_experts", "greater than or equal to 1"]),
     ({"train.precision": "fp8"}, ["train.precision", "'fp32', 'bf16' or 'fp16'"]),
     ({"model.attention.rope.scaling": {"kind": "yarn", "beta_fast": 1, "beta_slow": 2}}, ["beta_slow (2.0)", "beta_fast"]),
+    ({"model.attention.rope.theta": 1.0}, ["model.attention.rope", "theta (1.0)", "> 1"]),
+    ({"model.attention.qk_rope_head_dim": 2, "model.attention.rope.scaling": {"kind": "dynamic_ntk"}},
+     ["layer 0 attention", "dynamic_ntk", "qk_rope_head_dim (2)", "set qk_rope_head_dim >= 4"]),
     ({"model.attention.rope.scaling.kind": "ntk"}, ["model.attention.rope.scaling", "kind", "'ntk'"]),
 ]
 
@@ -52,6 +57,28 @@ def test_mha_head_checks():
         validate(ModelSpec, {"d_model": 100, "attention": {"kind": "mha", "n_heads": 8}})
     with pytest.raises(SpecError, match=r"rotary_fraction \(0.3\).*even whole number"):
         validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.3}})
+
+
+def test_top1_with_normalised_weights_is_refused_for_both_routers():
+    """top_k=1 normalises one weight by itself: the router would get no gradient from the LM loss."""
+    for router in ({"kind": "softmax_topk", "norm_topk_prob": True}, {"kind": "sigmoid_group_topk"}):
+        with pytest.raises(SpecError, match=r"top_k \(1\) with router.norm_topk_prob \(True\)"):
+            validate(MoESpec, {"top_k": 1, "router": router})
+        validate(MoESpec, {"top_k": 1, "router": {**router, "norm_topk_prob": False}})
+        validate(MoESpec, {"top_k": 2, "router": router})
+
+
+def test_rope_theta_and_dynamic_ntk_rotary_dims():
+    """theta = 1 made YaRN divide by ln(theta) at build; dynamic NTK with 2 rotary dims divided by
+    R - 2 = 0 on the first sequence longer than original_max_seq_len."""
+    with pytest.raises(SpecError, match=r"theta \(1.0\) must be > 1"):
+        validate(ModelSpec, {"attention": {"kind": "mha", "rope": {"theta": 1.0, "scaling": {"kind": "yarn"}}}})
+    ntk = {"scaling": {"kind": "dynamic_ntk"}}
+    with pytest.raises(SpecError, match=r"head_dim \(16\) x rotary_fraction \(0.125\) = 2; raise rotary_fraction"):
+        validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.125,
+                                                          "rope": ntk}})
+    validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.25, "rope": ntk}})
+    validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.125}})
 
 
 def test_layer_override_checks():

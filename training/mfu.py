@@ -1,10 +1,15 @@
 """Model FLOPs utilisation: achieved model FLOP/s over the device's peak.
 
 Model FLOPs per token come from `zoo describe` (forward) x 3 (forward + backward). The peak is the
-device's dense matmul rate for the training dtype: on CUDA a table of datasheet numbers, on CPU a
-measurement (square matmuls, best of several), cached on disk per CPU, thread count, dtype and
-torch version because it takes a few seconds. Measure on a quiet machine: a busy one lowers the
-peak and inflates MFU (delete $ZOO_CACHE/matmul_peak.json to measure again).
+device's dense matmul rate for the training dtype: on CUDA a table of datasheet numbers for a GPU it
+names, else a measurement on that GPU; on CPU a measurement (square matmuls, best of several), cached
+on disk per CPU, thread count, dtype and torch version because it takes a few seconds. Measure on a
+quiet machine: a busy one lowers the peak and inflates MFU (delete $ZOO_CACHE/matmul_peak.json to
+measure again).
+
+fp32 on CUDA: with TF32 allowed (torch.set_float32_matmul_precision("high")) matmuls run on tensor
+cores at half the bf16 rate; without it, PyTorch's default and this project's, they run on the CUDA
+cores at a rate the table does not hold, so it is measured.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import torch
 
 TRAIN_FLOPS_PER_FORWARD_FLOP = 3  # backward costs two forwards (grads w.r.t. inputs and weights)
 PEAK_MATMUL_SIZES = (1024, 2048)
+CUDA_PEAK_MATMUL_SIZES = (4096, 8192)  # a GPU reaches its peak only on large matmuls
 PEAK_REPEATS = 8  # best of several: a busy machine only ever lowers a measurement
 PEAK_PROBE_SIZE = 256  # measured first, to skip sizes that would take too long
 PEAK_BUDGET_S = 10.0  # most seconds one size's repeats may take
-# Dense bf16 tensor-core peaks (datasheets, without sparsity), FLOP/s.
-CUDA_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 tensor-core peaks (datasheets, without sparsity), FLOP/s, keyed by the model words of
+# torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB").
+CUDA_PEAKS = {"H100": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L4": 121e12,
+              "A10": 125e12, "4090": 165e12}
 
 
 def _cpu_name() -> str:
@@ -56,32 +64,52 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def measure_matmul_peak(dtype: torch.dtype, sizes=PEAK_MATMUL_SIZES, repeats: int = PEAK_REPEATS,
-                        budget_s: float = PEAK_BUDGET_S) -> float:
-    """Best observed FLOP/s of square matmuls on the CPU. A probe at PEAK_PROBE_SIZE first: a size whose
-    repeats would take longer than `budget_s` at the rate seen so far is skipped (bf16 on a CPU without
-    bf16 instructions ran at 0.3 GFLOP/s, and 2048^3 would have taken 53 s a matmul)."""
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device = torch.device("cpu"), sizes=None,
+                        repeats: int = PEAK_REPEATS, budget_s: float = PEAK_BUDGET_S) -> float:
+    """Best observed FLOP/s of square matmuls on `device` (sizes: default PEAK_MATMUL_SIZES, larger on
+    CUDA). A probe at PEAK_PROBE_SIZE first: a size whose repeats would take longer than `budget_s` at
+    the rate seen so far is skipped (bf16 on a CPU without bf16 instructions ran at 0.3 GFLOP/s, and
+    2048^3 would have taken 53 s a matmul)."""
+    if sizes is None:
+        sizes = CUDA_PEAK_MATMUL_SIZES if device.type == "cuda" else PEAK_MATMUL_SIZES
     best = 0.0
     for size in (PEAK_PROBE_SIZE, *sizes):
         if best and (repeats + 1) * 2 * size**3 / best > budget_s:
             break
-        a = torch.randn(size, size).to(dtype)
-        b = torch.randn(size, size).to(dtype)
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
         torch.mm(a, b)  # warm up (allocations, kernel selection)
         for _ in range(repeats):
+            _synchronize(device)
             start = time.perf_counter()
             torch.mm(a, b)
+            _synchronize(device)  # CUDA kernels run asynchronously: time the matmul, not its launch
             best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def datasheet_bf16_peak(gpu_name: str) -> float | None:
+    """The CUDA_PEAKS entry for `gpu_name`, or None. A key matches when each of its words is a whole
+    word of the name (any case), the longest key winning: "NVIDIA L40S" is not an L4, and
+    "NVIDIA H100 PCIe" not an SXM H100."""
+    words = set(gpu_name.lower().replace("-", " ").split())
+    matches = [key for key in CUDA_PEAKS if set(key.lower().split()) <= words]
+    return CUDA_PEAKS[max(matches, key=len)] if matches else None
+
+
 def peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> float:
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in CUDA_PEAKS.items():
-            if key in name:
-                return peak if dtype != torch.float32 else peak / 2  # TF32 runs at half the bf16 rate
-        return measure_matmul_peak(dtype)
+        peak = datasheet_bf16_peak(torch.cuda.get_device_name(device))
+        if peak is not None and dtype != torch.float32:
+            return peak
+        if peak is not None and torch.backends.cuda.matmul.allow_tf32:
+            return peak / 2  # TF32 tensor cores run at half the bf16 rate
+        return measure_matmul_peak(dtype, device)
     cache_dir = cache_dir or Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo"))
     key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
     cache_file = cache_dir / "matmul_peak.json"

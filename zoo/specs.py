@@ -75,8 +75,17 @@ RopeScaling = Annotated[
 
 
 class RopeSpec(Spec):
-    theta: float = Field(10000.0, gt=0)
+    theta: float = 10000.0
     scaling: RopeScaling = NoScaling()
+
+    @model_validator(mode="after")
+    def _theta(self) -> RopeSpec:
+        if self.theta <= 1:
+            raise ValueError(
+                f"theta ({self.theta}) must be > 1: the frequencies theta^(-2i/R) are all 1 at theta=1 (no "
+                "position signal) and YaRN divides by ln(theta); use the model's RoPE base, e.g. 10000"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------- attention
@@ -208,6 +217,14 @@ class MoESpec(Spec):
                 f"lower top_k or raise n_experts"
             )
         router = self.router
+        if self.top_k == 1 and router.norm_topk_prob:
+            # One weight normalised by itself is 1 (times routed_scaling_factor): a constant, so the LM
+            # loss sends the router no gradient.
+            raise ValueError(
+                f"top_k (1) with router.norm_topk_prob (True) makes every combine weight a constant and "
+                "leaves the router without gradient from the LM loss; set router.norm_topk_prob=false "
+                "or top_k >= 2"
+            )
         if isinstance(router, SigmoidGroupTopKRouterSpec):
             if self.n_experts % router.n_groups:
                 raise ValueError(
@@ -327,6 +344,17 @@ def _check_attention(spec: MHASpec | MLASpec, d_model: int, where: str) -> None:
                 f"{where}: head_dim ({head_dim}) x rotary_fraction ({spec.rotary_fraction}) = {rotary} "
                 "must be an even whole number >= 2: RoPE rotates pairs of dims"
             )
+        rotary_dim = int(rotary)
+        got = f"head_dim ({head_dim}) x rotary_fraction ({spec.rotary_fraction}) = {rotary_dim}"
+        fix = "raise rotary_fraction or head_dim"
+    else:
+        rotary_dim = spec.qk_rope_head_dim
+        got, fix = f"qk_rope_head_dim ({rotary_dim})", "set qk_rope_head_dim >= 4"
+    if spec.rope.scaling.kind == "dynamic_ntk" and rotary_dim < 4:
+        # NTK rescales the base by ratio^(R / (R - 2)): R = 2 divides by zero on the first long sequence.
+        raise ValueError(
+            f"{where}: rope.scaling dynamic_ntk needs >= 4 rotary dims, got {got}; {fix}, or pick another rope.scaling"
+        )
 
 
 # ----------------------------------------------------------------------------- run

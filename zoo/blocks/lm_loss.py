@@ -20,14 +20,13 @@ CHUNK_ELEMENTS = {"cpu": 2**20, "cuda": 2**26}
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_in, weight_in, labels_N, ignore_index: int, dtype: torch.dtype):
+    def forward(ctx, h_in, weight_in, labels_N, ignore_index: int, dtype: torch.dtype, needs_grad: bool):
         h_ND, weight_VD = h_in.to(dtype), weight_in.to(dtype)
         N, V = h_ND.shape[0], weight_VD.shape[0]
         valid_N = labels_N != ignore_index
         n_valid = valid_N.sum()
         targets_N = labels_N.where(valid_N, 0)
         scale = 1.0 / n_valid.clamp_min(1).float()
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h_ND = torch.empty_like(h_ND) if needs_grad else None
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if needs_grad else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_ND.device)
@@ -54,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h_ND, grad_w_VD = ctx.saved_tensors
-        return grad_h_ND * grad_loss.to(grad_h_ND.dtype), grad_w_VD * grad_loss.to(grad_w_VD.dtype), None, None, None
+        return grad_h_ND * grad_loss.to(grad_h_ND.dtype), grad_w_VD * grad_loss.to(grad_w_VD.dtype), None, None, None, None
 
 
 def linear_cross_entropy(
@@ -64,5 +63,8 @@ def linear_cross_entropy(
     """Mean cross-entropy of the logits h @ weight.T against `labels` (rows with `ignore_index` skipped),
     as `F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=ignore_index)`. `dtype`: the
     matmuls' dtype (default: h's); the weight's gradient is accumulated over chunks in fp32 and
-    returned in the weight's own dtype."""
-    return _LinearCrossEntropy.apply(h_ND, weight_VD, labels_N, ignore_index, dtype or h_ND.dtype)
+    returned in the weight's own dtype. Under no_grad or inference_mode only the loss is computed."""
+    # Decided here, not from ctx.needs_input_grad inside the Function: that stays True under no_grad
+    # when the inputs require grad, and evaluation would pay two extra matmuls per chunk and a (V, D) buffer.
+    needs_grad = torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad)
+    return _LinearCrossEntropy.apply(h_ND, weight_VD, labels_N, ignore_index, dtype or h_ND.dtype, needs_grad)

@@ -15,7 +15,7 @@ from torch import nn
 from zoo.blocks.kv_cache import LayerCache
 from zoo.blocks.sdpa import causal_attention
 from zoo.blocks.norm import RMSNorm
-from zoo.blocks.rope import RotaryEmbedding, apply_rope
+from zoo.blocks.rope import RotaryEmbedding, apply_rope, check_positions
 
 
 class MultiHeadAttention(nn.Module):
@@ -49,10 +49,13 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
     ) -> torch.Tensor:
+        """x: (B, T, D). positions: (T,) absolute positions of these T tokens, shared by the batch;
+        default: past, ..., past + T - 1, with past the cache's length (0 without a cache)."""
         B, T, _ = x.shape
         past = 0 if cache is None else cache.length
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device)
+        check_positions(positions, T)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)

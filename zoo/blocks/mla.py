@@ -19,7 +19,7 @@ from torch import nn
 from zoo.blocks.kv_cache import LayerCache
 from zoo.blocks.sdpa import causal_attention
 from zoo.blocks.norm import RMSNorm
-from zoo.blocks.rope import Layout, RotaryEmbedding, apply_rope
+from zoo.blocks.rope import Layout, RotaryEmbedding, apply_rope, check_positions
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -61,11 +61,14 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None
     ) -> torch.Tensor:
+        """x: (B, T, D). positions: (T,) absolute positions of these T tokens, shared by the batch;
+        default: past, ..., past + T - 1, with past the cache's length (0 without a cache)."""
         B, T, _ = x.shape
         H = self.n_heads
         past = 0 if cache is None else cache.length
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device)
+        check_positions(positions, T)
         if self.q_lora_rank is None:
             q = self.q_proj(x)
         else:

@@ -21,6 +21,7 @@ from zoo.blocks.kv_cache import KVCache
 from zoo.blocks.lm_loss import linear_cross_entropy
 from zoo.blocks.moe import MoE, RouterStats
 from zoo.blocks.norm import RMSNorm
+from zoo.blocks.rope import check_positions
 from zoo.blocks.routers import SigmoidGroupTopKRouter
 
 IGNORE_INDEX = -100
@@ -91,8 +92,11 @@ class DecoderLM(nn.Module):
         cache: KVCache | None = None,
         return_logits: bool = True,
     ) -> CausalLMOutput:
-        """`return_logits=False` (with labels): the loss from `linear_cross_entropy`, which never
-        holds the (B, T, V) logits; `logits` is then None."""
+        """`input_ids`, `labels`: (B, T). `positions`: (T,), shared by every row (default: 0..T-1,
+        or continuing from the cache). `return_logits=False` (with labels): the loss from
+        `linear_cross_entropy`, which never holds the (B, T, V) logits; `logits` is then None."""
+        if positions is not None:
+            check_positions(positions, input_ids.shape[1])
         x = self.embed(input_ids)  # (B, T, D)
         if cache is not None and positions is None:
             positions = torch.arange(cache.length, cache.length + input_ids.shape[1], device=input_ids.device)

@@ -73,6 +73,10 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"RotaryEmbedding dim must be even, got {dim}")
+        if theta <= 1:
+            raise ValueError(f"RoPE theta must be > 1 (YaRN divides by ln(theta)), got {theta}")
+        if scaling == "dynamic_ntk" and dim < 4:
+            raise ValueError(f"dynamic NTK RoPE needs dim >= 4 (it rescales by ratio^(dim / (dim - 2))), got {dim}")
         if scaling in ("dynamic_ntk", "yarn") and original_max_seq_len is None:
             raise ValueError(f"RoPE scaling {scaling!r} needs original_max_seq_len")
         self.dim, self.theta, self.scaling, self.factor = dim, theta, scaling, factor
@@ -121,6 +125,17 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, theta={self.theta}, scaling={self.scaling}, factor={self.factor}"
+
+
+def check_positions(positions: torch.Tensor, seq_len: int) -> None:
+    """Positions are (T,), shared by every row of the batch. A (B, T) tensor would not fail but
+    broadcast its cos/sin (B, T, R/2) against (B, H, T, R/2), lining batch rows up with heads."""
+    if positions.ndim != 1 or positions.shape[0] != seq_len:
+        raise ValueError(
+            f"positions has shape {tuple(positions.shape)}, expected ({seq_len},): one position per step, "
+            "shared by every row of the batch; per-row positions are not supported (pass positions[0] if "
+            "the rows agree)"
+        )
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout = "half") -> torch.Tensor:

@@ -3,8 +3,9 @@
 
 W1 and W2 are batch 8 x 256 tokens, vocab 4096, d_model 384, 6 layers, 8 heads, MLA (q_lora 128,
 kv_lora 64, nope/rope 32/32, v 64), every layer MoE with one shared expert. W1 has a few wide
-experts, W2 many narrow ones with DeepSeek-V3's group limit, at the same active FFN width per token
-(W1: 3 x 384 hidden units, W2: 7 x 128).
+experts, W2 many narrow ones with DeepSeek-V3's group limit. Their active FFN widths per token
+differ: W1 has 3 x 384 = 1152 hidden units (top-2 + shared), W2 7 x 128 = 896 (top-6 + shared), 22%
+fewer: W2 does less FFN work per token.
 """
 
 from zoo.overrides import with_changes
