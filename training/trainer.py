@@ -198,8 +198,10 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> dict[
 
 
 class StopFlag:
-    """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary; a second one kills at once
-    (the default action), so a hung step or collective never needs kill -9."""
+    """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary. After that a SIGINT (a second
+    Ctrl-C) kills at once, the default action, so a hung step or collective never needs kill -9. Further
+    SIGTERMs are still caught: DeepSpeed's launcher SIGTERMs every rank on top of the signal the ranks got
+    themselves (Ctrl-C, a scheduler's SIGTERM to the whole job), and that must not cost the checkpoint."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -210,12 +212,11 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
-        for sig in self.SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        if self.announce:  # os.write: print() may be mid-call in the interrupted frame (reentrant call)
+        first, self.signum = not self.signum, signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.announce and first:  # os.write: print() may be mid-call in the interrupted frame
             os.write(2, f"training: {signal.Signals(signum).name}: saving a checkpoint after this step; "
-                        "signal again to stop at once without it\n".encode())
+                        "Ctrl-C (SIGINT) again stops at once without it\n".encode())
 
 
 def _agreed_signal(own: int, device: torch.device) -> int:
