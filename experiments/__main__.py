@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         except RunFailed as err:
             print(f"experiments: {err}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("experiments: stopped; the interrupted runs saved checkpoints; run the same command to resume",
+                  file=sys.stderr)
+            return 128 + signal.SIGINT
         results = collect(experiment, runs)
         folder = results_root / name
         files = write_report(experiment, runs, results, folder, smoke=args.smoke)
@@ -61,5 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops the runs as Ctrl-C does, with checkpoints
     sys.exit(main())

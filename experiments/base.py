@@ -121,7 +121,8 @@ class Budget:
         return {
             "train.steps": self.steps, "train.micro_batch_size": self.micro_batch_size, "train.grad_accum": 1,
             "train.warmup_steps": self.warmup_steps, "train.eval_every": self.eval_every,
-            "train.log_every": self.log_every, "train.ckpt_every": self.steps, "train.keep_last": 1,
+            # A checkpoint at every evaluation: a run killed outright (kill -9, power) loses at most that.
+            "train.log_every": self.log_every, "train.ckpt_every": self.eval_every, "train.keep_last": 1,
             "train.precision": self.precision, "eval.val_batches": self.val_batches,
             "data.source": self.source, "data.max_documents": self.max_documents,
             "data.tokenizer_sample_chars": self.tokenizer_sample_chars,

@@ -2,8 +2,10 @@
 
 Each run is `python training/run.py --preset P --set ... --out RUNS/expN/VARIANT/seedS`, a subprocess
 like any user's run. A run whose folder holds its spec and the final checkpoint is skipped; one that
-was interrupted is resumed (`--resume`), so the command can be stopped and started again at will. A
-folder holding a different spec is an error, never silently reused or overwritten.
+was interrupted is resumed (`--resume`), so the command can be stopped and started again at will:
+Ctrl-C or SIGTERM is passed on to the trainers, which save a checkpoint at the end of their step, and
+the runner waits for them (a second Ctrl-C kills them at once). A folder holding a different spec is
+an error, never silently reused or overwritten.
 
 HellaSwag, when the budget asks for it, is scored on the final model only: the run stops after its
 second-to-last step (`--stop-after`) and is resumed with HellaSwag switched on, so the last step's
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,12 +32,35 @@ from zoo.overrides import diff
 from zoo.specs import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
+# How often a run saves: never its result, so a folder saved at another cadence (runs begun before Budget
+# checkpointed periodically) is still this run.
+SAVING_CADENCE = ("train.ckpt_every", "train.keep_last")
 RUN_RECORD = "experiment_run.json"  # what the runner adds to a run folder: commands and wall time
 LOG = "train.log"
 
 
 class RunFailed(RuntimeError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """The runner was asked to stop (Ctrl-C, SIGTERM); its trainers saved checkpoints."""
+
+
+# Trainers are started in their own session, so a terminal's Ctrl-C reaches the runner only and the
+# runner passes one stop signal on; these are the ones running, for that.
+_TRAINERS: set[subprocess.Popen] = set()
+_TRAINERS_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # no new trainer starts once set
+
+
+def stop_trainers(signum: int) -> None:
+    """Send `signum` to every running trainer: SIGINT/SIGTERM save and stop after the step, SIGKILL at once."""
+    _STOPPING.set()
+    with _TRAINERS_LOCK:
+        for proc in _TRAINERS:
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
 
 @dataclass(frozen=True)
@@ -82,9 +109,20 @@ def run_experiment(experiment: Experiment, runs_root: Path, *, smoke: bool = Fal
         log(f"{tag}: trained in {time.perf_counter() - start:.0f} s -> {out}")
         return Run(experiment.name, name, seed, spec, out, out)
 
+    _STOPPING.clear()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for run in pool.map(work, pending):
-            done[run.out] = run
+        try:
+            for run in pool.map(work, pending):
+                done[run.out] = run
+        except KeyboardInterrupt:
+            log("experiments: stopping; each running trainer saves a checkpoint after its current step "
+                "(Ctrl-C again to kill them without one); the same command resumes")
+            stop_trainers(signal.SIGINT)
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+            except KeyboardInterrupt:
+                stop_trainers(signal.SIGKILL)
+            raise Interrupted() from None
     return [done[out] for _, _, out in todo]
 
 
@@ -112,22 +150,37 @@ def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke:
     env = _environment(concurrent)
     spec = experiment.spec(name, seed, smoke=smoke)
     steps, hellaswag = spec.train.steps, spec.eval.hellaswag_limit > 0
-    stop = ["--stop-after", str(steps - 1)] if hellaswag and steps > 1 else []
-    saved = _saved_spec(out)
-    if saved is None or checkpoints.latest_tag(out) is None:
-        preset, sets = experiment.command_args(name, seed, smoke=smoke, hellaswag=not stop)
-        _trainer(out, ["--preset", preset, *_sets(sets), "--out", str(out), *stop], env)
-    else:
-        _check_same(out, saved, spec, allow_eval=True)
-    if checkpoints.latest_tag(out) != checkpoints.tag_for(steps):
-        last = int(checkpoints.latest_tag(out).removeprefix("step_"))
-        # Resuming may only change eval fields; before the last step, HellaSwag stays off.
-        final = last >= steps - 1
-        evals = [f"eval.hellaswag_limit={spec.eval.hellaswag_limit}",
-                 f"eval.hellaswag_path={json.dumps(spec.eval.hellaswag_path)}"] if final else []
-        _trainer(out, ["--out", str(out), "--resume", *_sets(evals), *([] if final else stop)], env)
+    # With HellaSwag the run stops after its second-to-last step; the last one runs with it switched on.
+    penultimate = steps - 1 if hellaswag and steps > 1 else None
+    # Each pass runs one phase from wherever the folder stands (fresh, mid-run, at the penultimate
+    # step) and looks again: a start, a resume to the penultimate step and the final step at most.
+    for _ in range(3):
+        saved, last = _saved_spec(out), _latest_step(out)
+        if saved is not None and last is not None:
+            _check_same(out, saved, spec, allow_eval=True)
+            if last >= steps:
+                break
+        before = last or 0
+        final = penultimate is None or before >= penultimate
+        stop = [] if final else ["--stop-after", str(penultimate)]
+        if saved is None or last is None:
+            preset, sets = experiment.command_args(name, seed, smoke=smoke, hellaswag=final)
+            _trainer(out, ["--preset", preset, *_sets(sets), "--out", str(out), *stop], env)
+        else:
+            # Resuming may only change eval and budget fields; before the last step, HellaSwag stays off.
+            evals = [f"eval.hellaswag_limit={spec.eval.hellaswag_limit}",
+                     f"eval.hellaswag_path={json.dumps(spec.eval.hellaswag_path)}"] if final and hellaswag else []
+            cadence = [f"train.ckpt_every={spec.train.ckpt_every}"]  # runs begun before Budget saved periodically
+            _trainer(out, ["--out", str(out), "--resume", *_sets(evals + cadence), *stop], env)
+        if (_latest_step(out) or 0) <= before:
+            break  # no progress: reported below
     if not is_finished(out, spec):
         raise RunFailed(f"{out}: the trainer exited 0 but the run is not finished; see {out / LOG}")
+
+
+def _latest_step(out: Path) -> int | None:
+    tag = checkpoints.latest_tag(out)
+    return int(tag.removeprefix("step_")) if tag else None
 
 
 def _environment(concurrent: bool) -> dict[str, str]:
@@ -149,15 +202,44 @@ def _trainer(out: Path, args: list[str], env: dict[str, str]) -> None:
     with open(out / LOG, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    record_path = out / RUN_RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {"commands": [], "wall_s": 0.0}
-    record["commands"].append(command[1:])
-    record["wall_s"] += time.perf_counter() - start
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+        with _TRAINERS_LOCK:
+            if _STOPPING.is_set():
+                raise Interrupted()
+            # Its own session: a terminal's Ctrl-C reaches only the runner, which passes it on once.
+            proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            _TRAINERS.add(proc)
+        try:
+            # No timeout: a stopped trainer needs its current step and a checkpoint save.
+            _wait(proc)
+        finally:
+            with _TRAINERS_LOCK:
+                _TRAINERS.discard(proc)
+            record_path = out / RUN_RECORD
+            record = json.loads(record_path.read_text()) if record_path.is_file() else {"commands": [], "wall_s": 0.0}
+            record["commands"].append(command[1:])
+            record["wall_s"] += time.perf_counter() - start
+            record_path.write_text(json.dumps(record, indent=2) + "\n")
+    if _STOPPING.is_set():
+        raise Interrupted()
     if proc.returncode != 0:
         tail = "\n".join((out / LOG).read_text().splitlines()[-15:])
         raise RunFailed(f"{out}: the trainer exited {proc.returncode}:\n{tail}")
+
+
+def _wait(proc: subprocess.Popen) -> None:
+    """Wait for a trainer. An interrupt while waiting in the main thread (train_one called directly; the
+    runner's pool threads never see one) stops it and waits for its checkpoint; a second one kills it."""
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        stop_trainers(signal.SIGINT)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise Interrupted() from None
 
 
 def _sets(sets: list[str]) -> list[str]:
@@ -177,7 +259,8 @@ def _without_hellaswag(spec: RunSpec) -> RunSpec:
 
 def _check_same(out: Path, saved: RunSpec, spec: RunSpec, *, allow_eval: bool) -> None:
     """A run folder must hold this very run (its first phase, while `allow_eval`): else stop and say so."""
-    changed = [path for path, _, _ in diff(saved, spec) if not (allow_eval and path.startswith("eval.hellaswag"))]
+    changed = [path for path, _, _ in diff(saved, spec)
+               if not (allow_eval and path.startswith("eval.hellaswag")) and path not in SAVING_CADENCE]
     if changed:
         raise RunFailed(f"{out} holds a run with a different spec ({', '.join(changed[:5])}"
                         f"{', ...' if len(changed) > 5 else ''}): delete that folder, or pass another --runs")

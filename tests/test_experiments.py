@@ -12,7 +12,7 @@ import pytest
 from experiments import EXPERIMENTS
 from experiments.__main__ import main
 from experiments.base import CPU, spec_sets
-from experiments.results import RunResult, aggregate, markdown_table, paired_delta, pivot_table, stat
+from experiments.results import RunResult, aggregate, markdown_table, paired_delta, pivot_table, read_scalars, stat
 from zoo import presets
 from zoo.describe import describe
 from zoo.overrides import apply_sets
@@ -171,3 +171,81 @@ def test_finished_runs_are_skipped_and_a_changed_spec_is_refused(smoke_env, tmp_
     spec.write_text(spec.read_text().replace('"steps": 3', '"steps": 4'))
     refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert refused.returncode == 1 and "holds a run with a different spec (train.steps)" in refused.stderr
+
+
+# ------------------------------------------------------------------------------------------ interruptions
+
+
+def test_budget_checkpoints_at_every_evaluation():
+    """A run killed outright loses at most eval_every steps, not the whole run (ckpt_every was `steps`)."""
+    for experiment in EXPERIMENTS.values():
+        for smoke in (False, True):
+            budget, train = experiment.active_budget(smoke), experiment.spec(next(iter(experiment.variants)), 0,
+                                                                            smoke=smoke).train
+            assert train.ckpt_every == budget.eval_every < budget.steps
+
+
+INTERRUPTIBLE = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from experiments.base import SMOKE_BUDGET, Experiment, Variant
+from experiments.runner import run_experiment
+
+budget = replace(SMOKE_BUDGET, steps=60, eval_every=30, log_every=1)
+experiment = Experiment(name="interrupt", title="-", hypothesis="-", base="exp1_mlp", variants={"mlp": Variant()},
+                        budget=budget, smoke_budget=budget, seeds=(0,))
+try:
+    run_experiment(experiment, Path(sys.argv[1]), smoke=True)
+except KeyboardInterrupt:  # the runner's Interrupted, once its trainers have stopped
+    sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_trainers_progress_and_the_runner_resumes(smoke_env, tmp_path):
+    """Ctrl-C reaches the runner (the trainer runs in its own session): it must pass the stop on and wait
+    for the checkpoint. It killed the trainer after 0.25 s, and ckpt_every=steps left nothing saved."""
+    import os
+    import signal
+    import time
+
+    from training import checkpoints
+
+    env = {**os.environ, **smoke_env}
+    command = [sys.executable, "-c", INTERRUPTIBLE, str(tmp_path)]
+    run, log = tmp_path / "interrupt" / "mlp" / "seed0", tmp_path / "interrupt" / "mlp" / "seed0" / "train.log"
+    runner = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "\nstep 2/60" in log.read_text()):
+        assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGINT)
+    output, _ = runner.communicate(timeout=300)
+    assert runner.returncode == 3, output
+    text = log.read_text()
+    assert "stopped by signal 2" in text, text
+    saved = int(checkpoints.latest_tag(run).removeprefix("step_"))
+    assert 2 <= saved < 60
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert checkpoints.latest_tag(run) == checkpoints.tag_for(60)
+    assert f"done: 60 steps ({60 - saved} this run)" in log.read_text()
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_with_hellaswag_resumes_through_its_final_phase(smoke_env, tmp_path, monkeypatch):
+    """exp1 scores HellaSwag on the final model: a run interrupted at step 1 must go on to step 2 without
+    it, then run step 3 with it. train_one resumed once (to step 2) and raised RunFailed."""
+    from experiments import runner
+
+    for key, value in smoke_env.items():
+        monkeypatch.setenv(key, value)
+    exp1, out = EXPERIMENTS["exp1"], tmp_path / "run"
+    preset, sets = exp1.command_args("mlp", 0, smoke=True, hellaswag=False)
+    runner._trainer(out, ["--preset", preset, *runner._sets(sets), "--out", str(out), "--stop-after", "1"],
+                    runner._environment(True))
+    runner.train_one(exp1, "mlp", 0, out, smoke=True, concurrent=True)
+    assert runner.is_finished(out, exp1.spec("mlp", 0, smoke=True))
+    assert list(read_scalars(out)["hellaswag/acc_norm"]) == [3]  # scored on the final model only

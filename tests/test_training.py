@@ -32,9 +32,11 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("zoo_cache")
 
 
-def train(cache_dir, out, *args, timeout=300, launcher=None):
+def train(cache_dir, out, *args, timeout=300, launcher=None, tiny=None):
+    """The trainer at --tiny size; a --resume takes its size from the run folder (it refuses --tiny)."""
     env = {**os.environ, "ZOO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = (launcher or RUN) + ["--tiny", "--out", str(out), *args]
+    tiny = "--resume" not in args if tiny is None else tiny
+    command = (launcher or RUN) + [*(["--tiny"] if tiny else []), "--out", str(out), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -103,8 +105,11 @@ def test_lr_schedule_counts_optimizer_steps(cache_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     spec = load_run_folder(out)[1]
     logged = scalars(out, "lr/muon")
-    for step in range(1, 7):  # after `step` optimizer steps, the scheduler has stepped `step` times
-        assert logged[step] == pytest.approx(0.01 * lr_factor(step, spec), rel=1e-6)
+    # Step 1 is the first of two warmup steps: half the peak (DeepSpeed has already stepped the scheduler
+    # when engine.step() returns; get_last_lr() then read 0.01, the next step's LR).
+    assert logged[1] == pytest.approx(0.005, rel=1e-6)
+    for step in range(1, 7):  # optimizer step `step` runs at the LR after `step - 1` scheduler steps
+        assert logged[step] == pytest.approx(0.01 * lr_factor(step - 1, spec), rel=1e-6)
 
 
 def test_lr_factor_shape():
@@ -224,7 +229,9 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["preset", "path", "empty", "seq_len", "fp16", "resume", "ds_config", "ds_precision"])
+@pytest.mark.parametrize("case", ["preset", "path", "empty", "seq_len", "fp16", "resume", "ds_config", "ds_precision",
+                                  "ds_not_object", "ds_bf16_bool", "ds_zero_int", "ds_bad_value", "ds_spec_path",
+                                  "stop_after_zero", "stop_after_past"])
 def test_bad_input_is_one_line(cache_dir, tmp_path, case):
     out = tmp_path / "run"
     args, words = {
@@ -235,10 +242,21 @@ def test_bad_input_is_one_line(cache_dir, tmp_path, case):
         "fp16": (["--set", "train.precision=fp16"], ["fp16", "CPU"]),
         "resume": (["--resume"], ["--resume", "no checkpoint"]),
         "ds_config": (["--ds-config", str(_write(tmp_path / "c.json", '{"gradient_clipping": 5.0}'))],
-                      ["gradient_clipping=5.0", "train.gradient_clipping=1.0"]),
+                      ["gradient_clipping=5.0", "train.grad_clip=1.0"]),
         "ds_precision": (["--set", "train.precision=fp32", "--ds-config",
                           str(_write(tmp_path / "p.json", '{"bf16": {"enabled": true}}'))],
                          ["enabled=True", "train.precision='fp32', so bf16.enabled=False"]),
+        "ds_not_object": (["--ds-config", str(_write(tmp_path / "l.json", "[1, 2]"))], ["l.json", "JSON list", "object"]),
+        "ds_bf16_bool": (["--ds-config", str(_write(tmp_path / "b.json", '{"bf16": true}'))],
+                         ["b.json", '"bf16": true', "must be an object"]),
+        "ds_zero_int": (["--ds-config", str(_write(tmp_path / "z.json", '{"zero_optimization": 2}'))],
+                        ["z.json", '"zero_optimization": 2', "must be an object"]),
+        "ds_bad_value": (["--set", "train.steps=1", "--ds-config",
+                          str(_write(tmp_path / "v.json", '{"zero_optimization": {"reduce_bucket_size": "lots"}}'))],
+                         ["v.json", "zero_optimization.reduce_bucket_size='lots'", "valid integer"]),
+        "ds_spec_path": (["--set", "deepspeed.config=/nope.json"], ["deepspeed.config=/nope.json does not exist"]),
+        "stop_after_zero": (["--stop-after", "0"], ["--stop-after 0", "train.steps=2"]),
+        "stop_after_past": (["--stop-after", "3"], ["--stop-after 3", "train.steps=2"]),
     }[case]
     proc = train(cache_dir, out, *args)
     assert proc.returncode == 2, proc.stderr
@@ -376,3 +394,125 @@ def test_explicit_bf16_warns_in_one_line_only_on_a_cpu_without_bf16(cache_dir, t
     assert len(warned) == (0 if cpu_has_native_bf16() else 1), proc.stderr
     assert all(line.startswith("training: warning: ") for line in warned)
     assert "resolve_precision(" not in proc.stderr  # no source line under it
+
+
+def test_resume_refuses_what_it_cannot_continue_and_keeps_its_ds_config(cache_dir, tmp_path):
+    out = tmp_path / "run"
+    custom = _write(tmp_path / "custom.json", '{"zero_optimization": {"stage": "auto", "reduce_bucket_size": 123456}}')
+    common = ["--set", "train.eval_every=100", "--set", "train.precision=fp32"]
+    first = train(cache_dir, out, "--set", "train.steps=3", "--stop-after", "2", "--ds-config", str(custom), *common)
+    assert first.returncode == 0, first.stderr
+    spec_json = (out / "spec.json").read_text()
+
+    def refused(*args, words):
+        proc = train(cache_dir, out, "--resume", *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        for word in words:
+            assert word in proc.stderr, proc.stderr
+
+    refused("--stop-after", "2", words=["--stop-after 2", "(step 2)"])  # was silently ignored
+    refused("--set", "train.steps=1", words=["checkpoint is at step 2", "train.steps=1"])  # printed "-1 this run"
+    refused("--preset", "dense", words=["drop --preset"])  # was silently ignored
+    assert train(cache_dir, out, "--resume", tiny=True).returncode == 2
+    refused("--ds-config", str(ROOT / "ds_configs" / "zero1_fp32.json"), words=["differs", "zero_optimization"])
+    assert (out / "spec.json").read_text() == spec_json
+    # Without --ds-config the run resumes with the one it started with, not the shipped default.
+    second = train(cache_dir, out, "--resume")
+    assert second.returncode == 0, second.stderr
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["reduce_bucket_size"] == 123456
+    events = sorted(out.glob("events.out.tfevents.*"))
+    finished = train(cache_dir, out, "--resume")
+    assert finished.returncode == 0, finished.stderr
+    assert "already finished" in finished.stdout and "nan" not in finished.stdout
+    assert sorted(out.glob("events.out.tfevents.*")) == events  # no hparam/val_loss=nan written
+
+
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_ctrl_c_kills_at_once(first):
+    from training.trainer import StopFlag
+
+    before = {sig: signal.getsignal(sig) for sig in StopFlag.SIGNALS}
+    try:
+        stop = StopFlag()
+        assert all(signal.getsignal(sig) == stop._handle for sig in StopFlag.SIGNALS)
+        stop._handle(first, None)
+        assert stop.signum == first
+        # The first signal asked for a checkpoint; a SIGINT now takes the default action (terminate) ...
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        # ... while a repeated SIGTERM (the deepspeed launcher's, on top of the job's own) still waits for it.
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+AGREED_SIGNAL = """
+import os, sys, torch, torch.distributed as dist
+from training.trainer import _agreed_signal
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
+print(_agreed_signal(int(sys.argv[1]), torch.device("cpu")))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_stop_signal():
+    """Both ranks got SIGTERM (15): the stop message must say 15, not the sum 30; one rank alone: 15 too."""
+    for signums in ((15, 15), (15, 0)):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+               "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", AGREED_SIGNAL, str(signum)], env={**env, "RANK": str(rank)},
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank, signum in enumerate(signums)]
+        results = [proc.communicate(timeout=120) for proc in procs]
+        assert all(proc.returncode == 0 for proc in procs), results
+        assert [out.strip().splitlines()[-1] for out, _ in results] == ["15", "15"], (signums, results)
+
+
+def test_an_explicit_omp_num_threads_is_kept(monkeypatch):
+    """A plain `python training/run.py` (one rank) took every core even with OMP_NUM_THREADS=1."""
+    import deepspeed
+
+    from training.engine import init_distributed
+
+    environ, threads = dict(os.environ), torch.get_num_threads()
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+            os.environ.pop(key, None)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)  # what torch took from OMP_NUM_THREADS at start-up
+        init_distributed()
+        assert torch.get_num_threads() == 1
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+            os.environ.pop(key)
+        init_distributed()
+        assert torch.get_num_threads() == 8  # unset: a lone rank gets every core
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def test_checkpoints_carry_the_cuda_generators_when_there_are_some(monkeypatch):
+    from training.trainer import _restore_rng, _rng_state
+
+    state = _rng_state()
+    assert (state["cuda_rng"] is None) == (not torch.cuda.is_available())  # a CPU: recorded as absent
+    expected = torch.rand(3)
+    _restore_rng({"torch_rng": state["torch_rng"]})  # a checkpoint from before the field existed
+    assert torch.equal(torch.rand(3), expected)
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu0", "gpu1"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    assert _rng_state()["cuda_rng"] == ["gpu0", "gpu1"]
+    _restore_rng({**state, "cuda_rng": ["gpu0", "gpu1"]})
+    _restore_rng({**state, "cuda_rng": ["gpu0"]})  # saved on another number of devices: left alone
+    _restore_rng({**state, "cuda_rng": None})  # saved on a CPU
+    assert restored == [["gpu0", "gpu1"]]

@@ -74,10 +74,7 @@ def init_distributed() -> Dist:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not cuda:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        if "OMP_NUM_THREADS" not in os.environ or single:
-            # The launcher does not split the cores between ranks; oversubscription halves throughput.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))))
     import deepspeed
 
     # init_distributed JIT-compiles a shared-memory op (20 s cold) used only by inference all-reduce.
@@ -89,25 +86,61 @@ def init_distributed() -> Dist:
     return Dist(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)
 
 
-def resolve_ds_config(spec: RunSpec, path: str | None, world_size: int) -> dict:
-    """The DeepSpeed config with every "auto" filled from the run spec; conflicts are errors."""
+def set_cpu_threads(local_world: int) -> None:
+    """An explicit OMP_NUM_THREADS wins (torch read it at start-up); else the cores split between the ranks."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The launcher does not split the cores between ranks; oversubscription halves throughput.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def ds_config_source(spec: RunSpec, path: str | None) -> tuple[Path, str]:
+    """The DeepSpeed config file a run uses, and how the user named it (for error messages)."""
+    if path:
+        return Path(path), f"--ds-config {path}"
+    if spec.deepspeed.config:
+        return Path(spec.deepspeed.config), f"deepspeed.config={spec.deepspeed.config}"
+    default = DS_CONFIG_DIR / f"zero{spec.deepspeed.zero_stage}_{spec.train.precision}.json"
+    return default, str(default)
+
+
+# What each DeepSpeed key the trainer fills is called in the run spec.
+SPEC_FIELDS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+}
+# Sections the trainer reads or fills: DeepSpeed indexes into them as dicts.
+OBJECT_SECTIONS = ("zero_optimization", "bf16", "fp16")
+
+
+def resolve_ds_config(spec: RunSpec, path: str | None, world_size: int, named: str | None = None) -> dict:
+    """The DeepSpeed config with every "auto" filled from the run spec; conflicts are errors. `named`: how
+    errors name the file (default: as the user gave it, see ds_config_source)."""
     train, stage = spec.train, spec.deepspeed.zero_stage
     if train.precision == "auto":
         raise TrainingError("train.precision=auto is resolved per device first (training.precision.resolve_precision)")
-    path = Path(path or spec.deepspeed.config or DS_CONFIG_DIR / f"zero{stage}_{train.precision}.json")
+    path, default_name = ds_config_source(spec, path)
+    named = named or default_name
     if not path.is_file():
-        raise TrainingError(f"--ds-config {path} does not exist; the shipped configs are in {DS_CONFIG_DIR}")
+        raise TrainingError(f"{named} does not exist; the shipped configs are in {DS_CONFIG_DIR}")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise TrainingError(f"--ds-config {path} is not valid JSON: {err}") from None
+        raise TrainingError(f"{named} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise TrainingError(f"{named} holds a JSON {type(config).__name__}; a DeepSpeed config is an object "
+                            '({"zero_optimization": {...}, ...})')
+    for section in OBJECT_SECTIONS:
+        if section in config and not isinstance(config[section], dict):
+            raise TrainingError(f"{path} sets \"{section}\": {json.dumps(config[section])}; it must be an object, "
+                                f'e.g. \"{section}\": {{{_EXAMPLES[section]}}}')
     wanted = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.grad_clip,
     }
     for key, value in wanted.items():
-        _fill(config, key, value, path, f"train.{key}")
+        _fill(config, key, value, path, SPEC_FIELDS[key])
     config.setdefault("zero_optimization", {})
     _fill(config["zero_optimization"], "stage", stage, path, "deepspeed.zero_stage")
     for precision in ("bf16", "fp16"):
@@ -124,6 +157,9 @@ def resolve_ds_config(spec: RunSpec, path: str | None, world_size: int) -> dict:
         )
     config.update(zero_allow_untested_optimizer=True, steps_per_print=10**9, wall_clock_breakdown=False)
     return config
+
+
+_EXAMPLES = {"zero_optimization": '"stage": "auto"', "bf16": '"enabled": "auto"', "fp16": '"enabled": "auto"'}
 
 
 def _fill(section: dict, key: str, value, path: Path, field: str) -> None:
@@ -193,15 +229,35 @@ def make_scheduler(spec: RunSpec):
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
 
 
-def initialize(model: nn.Module, spec: RunSpec, groups: list[dict], ds_config: dict):
-    """`deepspeed.initialize` with our optimizer and schedule, gradients clipped before Newton-Schulz."""
+def initialize(model: nn.Module, spec: RunSpec, groups: list[dict], ds_config: dict,
+               source: str = "the DeepSpeed config"):
+    """`deepspeed.initialize` with our optimizer and schedule, gradients clipped before Newton-Schulz.
+    `source` names the config file in the one-line error for a value DeepSpeed rejects."""
     import deepspeed
+    import pydantic
 
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=make_optimizer(model, spec, groups), lr_scheduler=make_scheduler(spec), config=ds_config
-    )
+    try:
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=make_optimizer(model, spec, groups), lr_scheduler=make_scheduler(spec),
+            config=ds_config)
+    except pydantic.ValidationError as err:  # DeepSpeed's config models; its own message spans many lines
+        raise TrainingError(f"{source}: {_validation_summary(err)}") from None
     _clip_before_newton_schulz(engine.optimizer)
     return engine, optimizer, scheduler
+
+
+# The section each DeepSpeed config model reads (its pydantic errors name the model, not the section).
+DS_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+               "DeepSpeedFP16Config": "fp16"}
+
+
+def _validation_summary(err) -> str:
+    """One line from a pydantic error: section.key=value and why DeepSpeed refuses it."""
+    first = err.errors()[0]
+    section = DS_SECTIONS.get(err.title, err.title)
+    where = ".".join(str(part) for part in (section, *first["loc"]))
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"DeepSpeed rejects {where}={first.get('input')!r}: {first['msg']}{more}"
 
 
 # ----------------------------------------------------------------------------- clipping before Newton-Schulz

@@ -30,6 +30,7 @@ from training.allocator import retain_freed_memory
 from training.data import DataError, PreparedData, Tokenizer, prepare_data
 from training.engine import (
     TrainingError,
+    ds_config_source,
     init_distributed,
     initialize,
     optimizer_groups,
@@ -70,13 +71,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path]:
+def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
+    """The run's spec, folder and the step it starts from (the checkpoint's, on --resume)."""
     preset = args.preset or DEFAULT_PRESET
     out = Path(args.out or f"runs/{preset}")
     if not args.resume:
         if checkpoints.latest_tag(out):
             raise TrainingError(f"{out} already holds a checkpoint: pass --resume to continue it, or --out NEW_DIR")
-        return resolve(preset, args.set, args.tiny), out
+        spec = resolve(preset, args.set, args.tiny)
+        _check_stop_after(args.stop_after, 0, spec)
+        return spec, out, 0
+    if args.preset is not None or args.tiny:
+        # The model comes from OUT/spec.json; a preset named again could only disagree with it.
+        flags = " and ".join(flag for flag, given in (("--preset", args.preset is not None), ("--tiny", args.tiny))
+                             if given)
+        raise TrainingError(f"--resume continues the run saved in {out / 'spec.json'}: drop {flags} "
+                            "(only --set of budget and eval fields may change)")
     saved = out / "spec.json"
     if not saved.is_file() or not checkpoints.latest_tag(out):
         raise TrainingError(f"--resume: {out} holds no checkpoint to resume from (start it without --resume)")
@@ -88,7 +98,37 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path]:
     changed = [path for path, _, _ in diff(spec, edited) if not path.startswith(RESUMABLE)]
     if changed:
         raise TrainingError(f"--resume cannot change {', '.join(changed)}: only {', '.join(RESUMABLE)} may change")
-    return edited, out
+    start = int(checkpoints.latest_tag(out).removeprefix("step_"))
+    if edited.train.steps < start:
+        raise TrainingError(f"--resume: the checkpoint is at step {start} but train.steps={edited.train.steps}; "
+                            f"pass --set train.steps={start} or more")
+    if edited.train.steps > start:
+        _check_stop_after(args.stop_after, start, edited)
+    return edited, out, start
+
+
+def _check_stop_after(stop_after: int | None, start: int, spec: RunSpec) -> None:
+    if stop_after is not None and not start < stop_after <= spec.train.steps:
+        raise TrainingError(f"--stop-after {stop_after} must be a step this run reaches: after its start "
+                            f"(step {start}) and at most train.steps={spec.train.steps}")
+
+
+def _ds_config(args: argparse.Namespace, out: Path, spec: RunSpec, world_size: int) -> tuple[str, dict]:
+    """How errors name the run's DeepSpeed config, and the config resolved. On --resume the run keeps the
+    one it started with (OUT/ds_config.json, resolved): a different one could change how it trains, and
+    a --ds-config given again must resolve to the same."""
+    saved = out / "ds_config.json"
+    if not args.resume or not saved.is_file():
+        return ds_config_source(spec, args.ds_config)[1], resolve_ds_config(spec, args.ds_config, world_size)
+    name = f"{saved} (the config the run started with)"
+    config = resolve_ds_config(spec, str(saved), world_size, named=name)
+    if args.ds_config is not None:
+        given = resolve_ds_config(spec, args.ds_config, world_size)
+        if given != config:
+            keys = sorted(k for k in {*given, *config} if given.get(k) != config.get(k))
+            raise TrainingError(f"--ds-config {args.ds_config} differs from the config the run started with "
+                                f"({saved}) in {', '.join(keys)}; drop --ds-config to resume with that one")
+    return name, config
 
 
 def _check_layout(spec: RunSpec, world_size: int) -> None:
@@ -171,19 +211,41 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> dict[
 
 
 class StopFlag:
-    """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary."""
+    """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary. After that a SIGINT (a second
+    Ctrl-C) kills at once, the default action, so a hung step or collective never needs kill -9. Further
+    SIGTERMs are still caught: DeepSpeed's launcher SIGTERMs every rank on top of the signal the ranks got
+    themselves (Ctrl-C, a scheduler's SIGTERM to the whole job), and that must not cost the checkpoint."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, announce: bool = False):
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.announce = announce
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        first, self.signum = not self.signum, signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.announce and first:  # os.write: print() may be mid-call in the interrupted frame
+            os.write(2, f"training: {signal.Signals(signum).name}: saving a checkpoint after this step; "
+                        "Ctrl-C (SIGINT) again stops at once without it\n".encode())
+
+
+def _agreed_signal(own: int, device: torch.device) -> int:
+    """The stop signal as every rank sees it: the largest any rank got (a SUM over two SIGTERMs read 30)."""
+    value = torch.tensor([float(own)], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
 
 
 def train(args: argparse.Namespace) -> int:
-    spec, out = resolve_run(args)
+    spec, out, resumed_at = resolve_run(args)
+    if args.resume and resumed_at == spec.train.steps:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{out} already finished its train.steps={spec.train.steps} steps; nothing to do "
+                  f"(pass --set train.steps=N with N > {resumed_at} to train further)", flush=True)
+        return 0
     env = init_distributed()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -209,7 +271,7 @@ def train(args: argparse.Namespace) -> int:
 
     model = zoo.build(spec)
     ep_size = spec.deepspeed.ep_size
-    ds_config = resolve_ds_config(spec, args.ds_config, env.world_size)
+    ds_name, ds_config = _ds_config(args, out, spec, env.world_size)
     if ep_size > 1:
         from training.expert_parallel import check_ds_config, enable_expert_parallel, moe_param_groups
 
@@ -221,7 +283,7 @@ def train(args: argparse.Namespace) -> int:
         groups = moe_param_groups(optimizer_groups(model, spec, env.device))
     else:
         groups = optimizer_groups(model, spec, env.device)
-    engine, optimizer, scheduler = initialize(model, spec, groups, ds_config)
+    engine, optimizer, _ = initialize(model, spec, groups, ds_config, source=ds_name)
     if spec.train.compile:
         engine.compile()
 
@@ -238,7 +300,7 @@ def train(args: argparse.Namespace) -> int:
         state = checkpoints.load(engine, out, expert_parallel=ep_size > 1)
         start_step, tokens_seen = state["step"], state["tokens"]
         train_batches.load_state_dict(state["data"])
-        torch.set_rng_state(state["torch_rng"])
+        _restore_rng(state)
 
     seq_len = spec.data.seq_len
     flops_per_token = describe(spec, seq_len=seq_len)["flops_per_token"]
@@ -251,7 +313,7 @@ def train(args: argparse.Namespace) -> int:
         f"{f', ep_size {ep_size}' if ep_size > 1 else ''}; {prepared.summary()}; start-up {startup_s:.1f} s"
     )
     observer.scalars(start_step, {"perf/startup_s": startup_s})
-    stop = StopFlag()
+    stop = StopFlag(announce=rank0)
     biased = {i: m.router for i, m in engine.module.moe_layers().items()
               if isinstance(m.router, SigmoidGroupTopKRouter)}
     val: dict[str, float] = {}
@@ -266,6 +328,9 @@ def train(args: argparse.Namespace) -> int:
                 result = engine(batch, labels=batch, return_logits=False)
                 _check_finite(result.loss, step + 1, micro)
                 engine.backward(result.loss)
+                if micro == spec.train.grad_accum - 1:
+                    # DeepSpeed steps the scheduler inside engine.step(): read the LR this update uses first.
+                    lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
                 engine.step()
                 sums += torch.stack([result.loss.detach(), result.ce_loss.detach(), result.aux_loss.detach()]).double()
                 for layer, s in result.router_stats.items():
@@ -289,7 +354,6 @@ def train(args: argparse.Namespace) -> int:
             if done % spec.train.log_every == 0 or done == spec.train.steps or done == start_step + 1:
                 tps = tokens / seconds
                 mfu = tps * flops_per_token * TRAIN_FLOPS_PER_FORWARD_FLOP / machine_peak
-                lrs = {f"lr/{g.get('name', i)}": lr for i, (g, lr) in enumerate(zip(optimizer.param_groups, scheduler.get_last_lr()))}
                 grad_norm = engine.get_global_grad_norm()
                 observer.scalars(done, {"train/loss": loss, "train/ce_loss": ce, "train/aux_loss": aux,
                                         "perf/tokens_per_s": tps, "perf/mfu": mfu, "train/tokens": tokens_seen,
@@ -312,7 +376,9 @@ def train(args: argparse.Namespace) -> int:
             if done % spec.train.ckpt_every == 0 or done == spec.train.steps or stopping:
                 _save(engine, out, done, tokens_seen, train_batches, spec, tokenizer, rank0)
             if stopping and done < spec.train.steps:
-                reason = f"signal {int(packed[-1].item())}" if packed[-1].item() > 0 else "--stop-after"
+                # Every rank takes this branch alike (packed is all-reduced), so the collective is safe.
+                reason = (f"signal {_agreed_signal(stop.signum, env.device)}" if packed[-1].item() > 0
+                          else "--stop-after")
                 observer.message(f"stopped by {reason} at step {done}; resume with --resume; "
                                  f"checkpoint {out / checkpoints.CHECKPOINTS / checkpoints.tag_for(done)}")
                 observer.close()
@@ -372,8 +438,21 @@ def _check_finite(loss: torch.Tensor, step: int, micro: int) -> None:
         raise NonFiniteLoss(f"the loss is {loss.item()} at step {step} (micro-batch {micro + 1})")
 
 
+def _rng_state() -> dict:
+    # Every CUDA device's generator too: dropout or sampling on the GPU would otherwise not resume exactly.
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    cuda = state.get("cuda_rng")  # absent in older checkpoints, None from a CPU run
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _save(engine, out, step, tokens_seen, train_batches, spec, tokenizer, rank0) -> None:
-    state = {"step": step, "tokens": tokens_seen, "data": train_batches.state_dict(), "torch_rng": torch.get_rng_state()}
+    state = {"step": step, "tokens": tokens_seen, "data": train_batches.state_dict(), **_rng_state()}
     checkpoints.save(engine, out, step, state, spec.train.keep_last, expert_parallel=spec.deepspeed.ep_size > 1)
     full = None
     if spec.deepspeed.ep_size > 1:
