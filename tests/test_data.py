@@ -96,7 +96,7 @@ def _shared_windows(train_docs, val_docs, width=100):
     return sum(d[i:i + width] in train_windows for d in val_docs for i in range(len(d) - width + 1))
 
 
-@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("seed", [0, 1, 3])
 def test_no_validation_passage_in_training_text_of_the_builtin_corpus(seed, monkeypatch):
     """pydoc's `specialnames` topic quotes other topics whole, and docstrings share boilerplate: a split
     by distinct document put 31% (seed 0) and 49% (seed 3) of the validation 100-character windows in
@@ -105,6 +105,8 @@ def test_no_validation_passage_in_training_text_of_the_builtin_corpus(seed, monk
     train_docs, val_docs = split_documents(docs, seed=seed)
     assert len(set(val_docs)) == round(0.05 * len(set(docs))) and not set(train_docs) & set(val_docs)
     assert _shared_windows(train_docs, val_docs) == 0
+    # pydoc's quoting topics (17% of the text, one group) stay in training: at most 2 x 5% is held out.
+    assert sum(map(len, val_docs)) <= 0.10 * sum(map(len, docs))
 
     monkeypatch.setattr(data_module, "SHARED_CHARS", 10**9)  # no window fits: one group per document
     leaky_train, leaky_val = split_documents(docs, seed=seed)
