@@ -15,19 +15,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import training.data as data_module  # noqa: E402
+import training.split as split_module  # noqa: E402
+from training.corpus import builtin_documents, load_documents, parse_hub_source  # noqa: E402
 from training.data import (  # noqa: E402
     DataError,
     Tokenizer,
     TokenizerError,
     TrainBatches,
-    builtin_documents,
-    load_documents,
     load_or_train_tokenizer,
     pack,
-    parse_hub_source,
     prepare_data,
-    split_documents,
 )
+from training.split import split_documents  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORKS = DATA / "shakespeare_works.txt"
@@ -108,7 +107,7 @@ def test_no_validation_passage_in_training_text_of_the_builtin_corpus(seed, monk
     # pydoc's quoting topics (17% of the text, one group) stay in training: at most 2 x 5% is held out.
     assert sum(map(len, val_docs)) <= 0.10 * sum(map(len, docs))
 
-    monkeypatch.setattr(data_module, "SHARED_CHARS", 10**9)  # no window fits: one group per document
+    monkeypatch.setattr(split_module, "SHARED_CHARS", 10**9)  # no window fits: one group per document
     leaky_train, leaky_val = split_documents(docs, seed=seed)
     assert _shared_windows(leaky_train, leaky_val) > 1000
 

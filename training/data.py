@@ -5,298 +5,29 @@
     tokenizer = load_or_train_tokenizer(sample of train_docs)   # cached by content hash
     blocks = pack(tokenize(docs), seq_len)        # (N, seq_len) int64, EOS after every document
 
-Sources (`source=`):
-    "builtin"                 text that ships with every CPython: pydoc's topics + stdlib docstrings
-    "path/a.txt", "d/*.jsonl" local text / JSON / JSONL / parquet files or a glob, via `datasets`
-    "hf:owner/name[:config]"  a hub data set, streamed (needs network), first `max_documents` rows
+The first two steps live in `training.corpus` (sources: builtin, local files, the hub) and
+`training.split`; this module trains the tokenizer, packs and batches, and `prepare_data` runs it all.
 
 Shapes: N = blocks, B = batch size, T = seq_len. Labels are the inputs: the model shifts them.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import importlib
-import inspect
 import io
 import json
-import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
+from training.corpus import PARAGRAPHS, DataError, load_documents  # noqa: F401  (DataError: part of this API)
+from training.split import check_val_fraction, split_documents
 from zoo.tokenizer import (  # noqa: F401
     TOKENIZER_FILENAME, Tokenizer, TokenizerError, canonical_proto, sentencepiece_threads, write_atomic)
-
-
-class DataError(ValueError):
-    """Bad data settings or a corpus that cannot make a run; the message names the field and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------- sources
-
-# A blank line (possibly holding spaces) ends a paragraph. One paragraph per document makes a
-# document-level split meaningful for one big .txt (Shakespeare: a speech, a stage direction, a sonnet).
-PARAGRAPHS = r"\n\s*\n"
-HUB_PREFIX = "hf:"
-HUB_DEFAULT_MAX_DOCUMENTS = 100_000  # a streamed hub set is endless in practice; bound what we read
-_COMPRESSION = (".gz", ".bz2", ".xz", ".zst")
-_BUILDER_BY_SUFFIX = {".txt": "text", ".text": "text", ".md": "text",
-                      ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-# Fixed and ordered, so the builtin corpus is the same on every run of one Python version. Modules with
-# import side effects (antigravity, this, turtle/tkinter, idlelib) or platform-specific ones stay out.
-BUILTIN_MODULES = (
-    "abc argparse array ast asyncio base64 bdb binascii bisect builtins bz2 calendar cmath cmd code codecs "
-    "collections colorsys concurrent.futures configparser contextlib contextvars copy copyreg csv dataclasses "
-    "datetime decimal difflib dis doctest email enum errno faulthandler filecmp fileinput fnmatch fractions "
-    "ftplib functools gc getopt getpass gettext glob graphlib gzip hashlib heapq hmac html html.parser http "
-    "http.client http.server imaplib importlib inspect io ipaddress itertools json keyword linecache locale "
-    "logging lzma mailbox marshal math mimetypes mmap multiprocessing netrc numbers operator optparse os "
-    "pathlib pdb pickle pickletools pkgutil platform plistlib poplib posixpath pprint profile pstats pty queue "
-    "quopri random re reprlib rlcompleter runpy sched secrets select selectors shelve shlex shutil signal site "
-    "smtplib socket socketserver sqlite3 ssl stat statistics string struct subprocess symtable sys sysconfig "
-    "tabnanny tarfile tempfile textwrap threading time timeit token tokenize trace traceback tracemalloc types "
-    "typing unicodedata unittest unittest.mock urllib.parse urllib.request uuid venv warnings wave weakref "
-    "wsgiref xml.dom.minidom xml.etree.ElementTree xml.sax zipapp zipfile zipimport zlib zoneinfo"
-).split()
-
-
-def builtin_documents() -> list[str]:
-    """pydoc's documentation topics (one document each, sorted by name), then for every module in
-    BUILTIN_MODULES its docstring and the docstrings of the public classes and functions it defines
-    (one document each). Needs no network; the text varies a little between Python versions."""
-    from pydoc_data.topics import topics
-
-    docs = [topics[name] for name in sorted(topics)]
-    with warnings.catch_warnings():  # reading a docstring of typing.io & co. warns they are deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for module_name in BUILTIN_MODULES:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:  # e.g. a Python built without sqlite3 or lzma: skip, deterministically
-                continue
-            docs.append(inspect.getdoc(module) or "")
-            for name, obj in sorted(vars(module).items()):
-                defined_here = getattr(obj, "__module__", None) == module.__name__
-                if name.startswith("_") or not defined_here or not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                    continue
-                docs.append(inspect.getdoc(obj) or "")
-    return [doc for doc in docs if doc.strip()]
-
-
-def parse_hub_source(source: str) -> tuple[str, str | None]:
-    """"hf:owner/name[:config]" -> ("owner/name", config or None)."""
-    if not source.startswith(HUB_PREFIX):
-        raise DataError(f"source={source!r} is not a hub source; write it as 'hf:owner/name[:config]'")
-    name, colon, config = source[len(HUB_PREFIX):].partition(":")
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or (colon and not config):
-        raise DataError(f"source={source!r} is not a valid hub data set; write it as 'hf:owner/name[:config]'")
-    return name, config or None
-
-
-def _builder_for(path: str) -> str:
-    name = path.lower()
-    for compression in _COMPRESSION:
-        name = name.removesuffix(compression)
-    builder = _BUILDER_BY_SUFFIX.get(Path(name).suffix)
-    if builder is None:
-        raise DataError(f"source={path!r} has an unknown format; use files ending in {sorted(_BUILDER_BY_SUFFIX)}")
-    return builder
-
-
-def _hub_documents(source: str, text_field: str, max_documents: int | None) -> list[str]:
-    name, config = parse_hub_source(source)
-    limit = max_documents or HUB_DEFAULT_MAX_DOCUMENTS
-    try:
-        stream = datasets.load_dataset(name, config, split="train", streaming=True)
-        rows = iter(stream.take(limit))
-        first = next(rows, None)
-    except Exception as error:  # offline, gated, misspelled: one line beats a traceback from the hub client
-        raise DataError(f"source={source!r}: could not stream it ({type(error).__name__}: {error}); "
-                        "check the name and the network, or use 'builtin' or a local file") from error
-    if first is None:
-        return []
-    if text_field not in first:
-        raise DataError(f"text_field={text_field!r} is not a column of {source!r}; pick one of {sorted(first)}")
-    return [first[text_field], *(row[text_field] for row in rows)]
-
-
-def _files_digest(files: list[str]) -> str:
-    """A hash of the files' names and contents. `datasets` keys its cache on path and mtime only, so a
-    file rewritten with its old mtime (cp -p, rsync -a, tar) would silently load the old text."""
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(os.path.abspath(path).encode() + b"\0")
-        with open(path, "rb") as file:
-            digest.update(hashlib.file_digest(file, "sha256").digest())
-    return digest.hexdigest()[:20]
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
-    return error
-
-
-def _local_documents(source: str, text_field: str, doc_separator: str | None, cache_dir: Path) -> list[str]:
-    path = os.path.expanduser(source)
-    # An existing file is read as named: glob would take "a[1].txt" for a pattern.
-    files = [path] if os.path.isfile(path) else sorted(
-        match for match in glob.glob(path, recursive=True) if os.path.isfile(match))
-    if not files:
-        raise DataError(f"source={source!r} matches no file; give 'builtin', 'hf:owner/name', "
-                        "or an existing path or glob such as 'data/*.txt'")
-    builders = {_builder_for(path) for path in files}
-    if len(builders) > 1:
-        raise DataError(f"source={source!r} mixes formats {sorted(builders)}; use a glob that matches one format")
-    builder = builders.pop()
-    # sample_by="document": one row per file, split into paragraphs below. (The text builder's own
-    # "paragraph" mode splits on a bare "\n\n" only, so runs of blank lines would leave empty rows.)
-    options = {"sample_by": "document"} if builder == "text" else {}
-    try:
-        # escaped: datasets expands data_files as patterns too
-        dataset = datasets.load_dataset(builder, data_files=[glob.escape(path) for path in files], split="train",
-                                        cache_dir=str(cache_dir / "datasets" / _files_digest(files)), **options)
-    except Exception as error:  # datasets says only "An error occurred while generating the dataset"
-        cause = _root_cause(error)
-        raise DataError(f"source={source!r}: cannot read it as {builder} ({type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0] if str(cause) else ''}); check the file's format and "
-                        "encoding (UTF-8)") from error
-    if builder == "text":
-        if doc_separator is None:
-            return list(dataset["text"])
-        # Newlines at a paragraph's ends belong to the separator (a file's last one often ends in "\n");
-        # indentation of its first line is kept.
-        return [paragraph.strip("\n") for text in dataset["text"] for paragraph in re.split(doc_separator, text)]
-    if text_field not in dataset.column_names:
-        raise DataError(f"text_field={text_field!r} is not a column of {source!r}; "
-                        f"pick one of {dataset.column_names}")
-    return list(dataset[text_field])
-
-
-def load_documents(source: str, *, text_field: str = "text", max_documents: int | None = None,
-                   doc_separator: str | None = PARAGRAPHS, cache_dir: str | Path = ".cache/zoo") -> list[str]:
-    """The corpus as a list of documents, in source order, without empty ones; the first
-    `max_documents` when set. Plain-text files are cut into documents at `doc_separator` (a regex;
-    None keeps one document per file); JSON/parquet rows are one document each."""
-    if max_documents is not None and max_documents < 1:
-        raise DataError(f"max_documents={max_documents} must be >= 1, or None for all")
-    try:
-        re.compile(doc_separator or "")
-    except re.error as error:
-        raise DataError(f"doc_separator={doc_separator!r} is not a valid regex ({error}); the default is "
-                        f"{PARAGRAPHS!r}, None keeps one document per file") from error
-    if source == "builtin":
-        docs = builtin_documents()
-    elif source.startswith(HUB_PREFIX):
-        docs = _hub_documents(source, text_field, max_documents)
-    else:
-        docs = _local_documents(source, text_field, doc_separator, Path(cache_dir))
-    docs = [doc for doc in docs if isinstance(doc, str) and doc.strip()][:max_documents]
-    if not docs:
-        raise DataError(f"source={source!r} holds no text (zero non-empty documents); point it at a corpus")
-    return docs
-
-
-# Documents that share a passage go to the same split: a window of SHARED_CHARS characters starting
-# at a word start, found in two documents, joins them. Exact duplicates alone are not enough: pydoc's
-# `specialnames` topic quotes other topics whole, docstrings repeat boilerplate, LAMBADA holds
-# near-copies. With a split by distinct document, 31% of the builtin corpus' validation 100-character
-# windows (seed 0) were also in training text; with the grouping, none are (tests/test_data.py).
-SHARED_CHARS = 64
-_WORD_START = re.compile(r"\s+")  # a window starts where a match ends, and at position 0
-# Above this many characters only windows whose hash is 0 modulo (chars // this) are kept, so memory
-# stays ~0.5 GB on a 100k-document hub set; a shared passage of a few windows is then found with high
-# probability rather than certainly. At or below it (the builtin corpus, Shakespeare) the check is exact.
-_EXACT_GROUPING_CHARS = 32_000_000
-# The validation share is counted in documents; a group that would take validation past this many
-# times val_fraction of the characters is left in training. pydoc's quoting topics form one group of
-# 21 long documents, 17% of the builtin corpus' text: drawn for validation (seeds 0 and 1) it held out
-# 25% of the text instead of the 5-10% a split by document gave.
-VAL_CHARS_CAP = 2
-
-
-def _shared_passage_groups(distinct: list[str]) -> list[list[int]]:
-    """Indices of `distinct` in groups (union-find): two documents with a SHARED_CHARS-character
-    window in common, starting at a word start in both, are in one group. Each group in index order,
-    groups in the order of their first index."""
-    parent = list(range(len(distinct)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    keep_one_in = max(1, sum(map(len, distinct)) // _EXACT_GROUPING_CHARS)
-    owner: dict[int, int] = {}  # hash of a window -> the first document that has it
-    for index, doc in enumerate(distinct):
-        for start in (0, *(match.end() for match in _WORD_START.finditer(doc))):
-            if start + SHARED_CHARS > len(doc):
-                break
-            # blake2b, not hash(): str hashes differ between processes, and every rank must split alike
-            key = int.from_bytes(hashlib.blake2b(doc[start:start + SHARED_CHARS].encode(), digest_size=8).digest())
-            if key % keep_one_in:
-                continue
-            first = owner.setdefault(key, index)
-            if first != index:
-                parent[root(index)] = root(first)
-    groups: dict[int, list[int]] = {}
-    for index in range(len(distinct)):
-        groups.setdefault(root(index), []).append(index)
-    return list(groups.values())
-
-
-def split_documents(docs: list[str], *, val_fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Split whole documents into (train, val), each in corpus order.
-
-    Distinct texts are grouped with every text they share a passage with (`_shared_passage_groups`;
-    exact duplicates are one text), groups are ranked by a seeded hash of their content, and groups
-    go to validation in that order while they fit in round(val_fraction * distinct texts) and keep
-    validation under VAL_CHARS_CAP times val_fraction of the characters. So no validation document
-    repeats a training passage of about SHARED_CHARS characters or more, and the split is
-    independent of corpus order and reproducible from the seed alone."""
-    _check_val_fraction(val_fraction)
-    distinct = list(dict.fromkeys(docs))
-    if len(distinct) < 2:
-        raise DataError(f"docs holds {len(distinct)} distinct document(s), need >= 2 to split into train and "
-                        "validation; use a larger corpus")
-    n_val = min(max(1, round(val_fraction * len(distinct))), len(distinct) - 1)
-
-    def rank(group: list[int]) -> bytes:
-        return min(hashlib.blake2b(f"{seed}\0{distinct[i]}".encode(), digest_size=8).digest() for i in group)
-
-    max_val_chars = VAL_CHARS_CAP * val_fraction * sum(map(len, distinct))
-    val_set: set[str] = set()
-    val_chars = 0
-    for group in sorted(_shared_passage_groups(distinct), key=rank):
-        group_chars = sum(len(distinct[i]) for i in group)
-        if len(val_set) + len(group) <= n_val and val_chars + group_chars <= max_val_chars:
-            val_set.update(distinct[i] for i in group)
-            val_chars += group_chars
-        if len(val_set) == n_val:
-            break
-    if not val_set:
-        raise DataError(f"every document shares a passage of {SHARED_CHARS}+ characters with more than "
-                        f"val_fraction={val_fraction} of the corpus ({n_val} documents), so no validation "
-                        "document can be kept apart from training text; raise val_fraction or deduplicate")
-    return [doc for doc in docs if doc not in val_set], [doc for doc in docs if doc in val_set]
-
-
-def _check_val_fraction(val_fraction: float) -> None:
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction={val_fraction} must be in (0, 1); 0.05 is typical")
-
-
-# ------------------------------------------------------------------------------------------- tokenizer
 
 UNK_ID, EOS_ID = 0, 1
 N_BYTE_PIECES = 256  # byte_fallback adds one piece per byte value
@@ -484,7 +215,7 @@ def prepare_data(*, source: str = "builtin", seq_len: int, vocab_size: int, val_
                  max_documents: int | None = None, tokenizer_sample_chars: int = 5_000_000,
                  doc_separator: str | None = PARAGRAPHS) -> PreparedData:
     """Load, split (by document), train or load the tokenizer on train text only, tokenize and pack."""
-    _check_val_fraction(val_fraction)
+    check_val_fraction(val_fraction)
     _check_vocab_size(vocab_size)
     if seq_len < 2:
         raise DataError(f"seq_len={seq_len} must be >= 2 (the model predicts token t+1 from tokens <= t)")

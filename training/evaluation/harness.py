@@ -93,11 +93,11 @@ def run_tasks(lm: ZooLM, tasks: list[str], *, data_files: dict[str, str] | None 
 
 
 def perplexity(lm: ZooLM, path: str | Path, *, limit: int | None = None) -> dict:
-    """Perplexity of a held-out file: its documents (training.data.load_documents: paragraphs of a text
+    """Perplexity of a held-out file: its documents (training.corpus.load_documents: paragraphs of a text
     file, rows of JSON/parquet) each scored from the EOS prefix with lm-eval's rolling windows.
     Returns documents, tokens, bytes, nll_per_token, token_perplexity and bits_per_byte (the
     tokenizer-independent number to compare runs with different vocabularies)."""
-    from training.data import DataError, load_documents
+    from training.corpus import DataError, load_documents
 
     path = Path(path)
     if not path.is_file():
