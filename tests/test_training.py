@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +17,10 @@ import torch
 import torch.distributed as dist
 
 import zoo
-from training.engine import initialize, lr_factor, optimizer_groups, resolve_ds_config
+from training import checkpoints, trainer
+from training.engine import (
+    RankError, TrainingError, initialize, lr_factor, optimizer_groups, resolve_ds_config, unreported_grad_norm,
+)
 from training.mfu import cpu_has_native_bf16
 from zoo import presets
 from zoo.checkpoint import load_run_folder
@@ -187,12 +191,13 @@ def _train_in_process(spec, batches, launched: dict[str, str]):
         for batch in batches:
             out = engine(batch, labels=batch)
             engine.backward(out.loss)
+            own = unreported_grad_norm(engine, spec.deepspeed.ep_size)  # ZeRO-0 in fp32: DeepSpeed reports none
             engine.step()
-            norms.append(engine.get_global_grad_norm())
+            norms.append(engine.get_global_grad_norm() if own is None else own)
     return initial, {n: p.detach().float() for n, p in engine.module.named_parameters()}, norms
 
 
-@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16"), (2, "bf16")])
 def test_reported_grad_norm_is_the_raw_gradient_norm(one_rank, stage, precision):
     spec = _clip_spec("deepseek_glm4", stage, precision)
     (batch,) = _batches(spec, 1)
@@ -266,14 +271,82 @@ def test_bad_input_is_one_line(cache_dir, tmp_path, case):
         assert word.lower() in proc.stderr.lower(), proc.stderr
 
 
-def test_corrupted_checkpoint_is_one_line(cache_dir, tmp_path):
+def test_corrupted_checkpoint_is_one_line_and_deleting_it_falls_back(cache_dir, tmp_path):
     out = tmp_path / "run"
-    assert train(cache_dir, out, "--set", "train.steps=2", "--set", "train.eval_every=100").returncode == 0
+    assert train(cache_dir, out, "--set", "train.steps=2", "--set", "train.eval_every=100",
+                 "--set", "train.ckpt_every=1").returncode == 0
     tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert tag == "step_0000002"
     (out / "checkpoints" / tag / "mp_rank_00_model_states.pt").write_bytes(b"not a checkpoint")
     proc = train(cache_dir, out, "--resume", "--set", "train.steps=4")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "unreadable" in proc.stderr and tag in proc.stderr
+    assert "unreadable" in proc.stderr and tag in proc.stderr and "delete that folder" in proc.stderr
+    shutil.rmtree(out / "checkpoints" / tag)  # as the message says: the run goes on from step 1
+    proc = train(cache_dir, out, "--resume", "--set", "train.steps=4")
+    assert proc.returncode == 0, proc.stderr
+    assert "done: 4 steps (3 this run)" in proc.stdout, proc.stdout
+
+
+def test_a_checkpoint_counts_only_once_every_rank_wrote_it(one_rank, tmp_path, monkeypatch):
+    """`latest` moves, and the folder is marked complete, after the barrier that follows every rank's
+    files; a save that dies half-way leaves the previous checkpoint in charge."""
+    class Engine:
+        crash = False
+
+        def save_checkpoint(self, directory, tag, client_state, save_latest=True):
+            assert not save_latest  # DeepSpeed's rank 0 would write `latest` before the other ranks' files
+            (Path(directory) / tag).mkdir(parents=True)
+            (Path(directory) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+            if self.crash:
+                raise KeyboardInterrupt  # killed before the barrier
+
+    for key, value in one_rank.items():
+        monkeypatch.setenv(key, value)
+    run, engine = tmp_path / "run", Engine()
+    checkpoints.save(engine, run, 1, {}, keep_last=3)
+    assert checkpoints.latest_tag(run) == "step_0000001"
+    engine.crash = True
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(engine, run, 2, {}, keep_last=3)
+    assert (run / "checkpoints" / "step_0000002").is_dir()
+    assert checkpoints.latest_tag(run) == "step_0000001"
+    (run / "checkpoints" / "latest").unlink()  # lost: the newest complete folder, not the half-written one
+    assert checkpoints.latest_tag(run) == "step_0000001"
+    shutil.rmtree(run / "checkpoints" / "step_0000001")
+    assert checkpoints.latest_tag(run) is None and checkpoints.has_checkpoints(run)
+    # A fresh run into that folder would mix its checkpoints with the half-written one: refused.
+    with pytest.raises(TrainingError, match="already holds checkpoints"):
+        trainer.resolve_run(trainer.parse_args(["--tiny", "--out", str(run)]))
+
+
+def test_resume_with_more_steps_says_how_the_lr_moves(tmp_path, capsys):
+    run = tmp_path / "run"
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"train.steps": 100, "train.warmup_steps": 10})
+    (run / "checkpoints" / "step_0000100").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_0000100")
+    (run / "spec.json").write_text(spec.model_dump_json())
+    extended, _, start = trainer.resolve_run(trainer.parse_args(["--out", str(run), "--resume",
+                                                                 "--set", "train.steps=300"]))
+    assert start == 100 and extended.train.steps == 300
+    before, after = lr_factor(99, spec), lr_factor(100, extended)
+    assert after > 5 * before  # the cosine restarts high: worth a line
+    assert f"factor goes from {before:.3f} (step 100) to {after:.3f} (step 101)" in capsys.readouterr().out
+
+
+def test_a_rank_prints_its_own_checkpoint_failure(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    trainer._print_error(TrainingError("the same on every rank"))  # rank 0 says it
+    trainer._print_error(RankError("shard missing"))
+    assert capsys.readouterr().err == "training: error on rank 1: shard missing\n"
+
+
+def test_fp16_giving_up_on_the_loss_scale_is_a_one_line_stop():
+    class Engine:
+        def step(self):
+            raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+
+    with pytest.raises(trainer.NonFiniteLoss, match="overflow at step 7 even at the smallest loss scale"):
+        trainer._step(Engine(), 7)
 
 
 def test_nan_loss_stops_naming_the_step(cache_dir, tmp_path):
@@ -284,12 +357,19 @@ def test_nan_loss_stops_naming_the_step(cache_dir, tmp_path):
     assert "Traceback" not in proc.stderr and "loss is nan at step 1" in proc.stderr
 
 
-def test_diverged_gradients_stop_naming_the_step(cache_dir, tmp_path):
-    # A 1e38 learning rate overflows the weights after one step; DeepSpeed would skip steps silently.
-    proc = train(cache_dir, tmp_path / "run", "--set", "train.adam_lr=1e38", "--set", "train.muon_lr=1e38",
-                 "--set", "train.warmup_steps=0", "--set", "train.precision=fp32", "--set", "train.steps=3")
+@pytest.mark.parametrize("stage", [1, 0])
+def test_diverged_gradients_stop_naming_the_step(cache_dir, tmp_path, stage):
+    """A 1e38 learning rate overflows the weights after one step. ZeRO-0 in fp32 reports no gradient
+    norm: there the trainer takes it before the update, which used to be applied and checkpointed."""
+    out = tmp_path / "run"
+    proc = train(cache_dir, out, "--set", "train.adam_lr=1e38", "--set", "train.muon_lr=1e38",
+                 "--set", "train.warmup_steps=0", "--set", "train.precision=fp32", "--set", "train.steps=3",
+                 "--set", f"deepspeed.zero_stage={stage}", "--set", "train.ckpt_every=1")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "gradient norm is" in proc.stderr and "at step 2" in proc.stderr
+    assert checkpoints.latest_tag(out) == "step_0000001" and "step_0000001" in proc.stderr
+    model, _ = load_run_folder(out)
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
 
 
 def test_sigterm_saves_and_exits_zero(cache_dir, tmp_path):

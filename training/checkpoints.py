@@ -4,22 +4,29 @@
     RUN_DIR/tokenizer.model                the SentencePiece model the run trained with
     RUN_DIR/ds_config.json                 the resolved DeepSpeed config
     RUN_DIR/checkpoints/<tag>/             DeepSpeed's model, optimizer and scheduler state
-    RUN_DIR/checkpoints/latest             the newest complete tag (written by DeepSpeed after the tag)
+    RUN_DIR/checkpoints/<tag>/complete     written once every rank has written its part of <tag>
+    RUN_DIR/checkpoints/latest             the newest complete tag, replaced atomically after `complete`
 
-Only complete checkpoints are ever pointed at, and pruning never removes the one `latest` names,
-so a crash mid-save loses at most the checkpoint being written.
+DeepSpeed's own `latest` is written by rank 0 as soon as its own files are, before the other ranks'
+(and before the expert shards), so the trainer writes it itself, after a barrier. A crash mid-save
+therefore loses at most the checkpoint being written: `latest` still names the previous one, and
+if `latest` is lost or names a deleted folder, the newest folder marked `complete` is used.
+Pruning never removes the checkpoint `latest` names.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
-from training.engine import TrainingError
+from training.engine import RankError, TrainingError
 
 CHECKPOINTS = "checkpoints"
+COMPLETE = "complete"  # marker file inside a tag folder
+LATEST = "latest"
 
 
 def tag_for(step: int) -> str:
@@ -27,11 +34,27 @@ def tag_for(step: int) -> str:
 
 
 def latest_tag(run_dir: Path) -> str | None:
-    pointer = run_dir / CHECKPOINTS / "latest"
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (run_dir / CHECKPOINTS / tag).is_dir() else None
+    """The tag `latest` names if its folder exists, else the newest folder marked complete, else None."""
+    directory = run_dir / CHECKPOINTS
+    pointer = directory / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if tag and (directory / tag).is_dir():
+            return tag
+    complete = [p.name for p in _tag_dirs(directory) if (p / COMPLETE).is_file()]
+    return complete[-1] if complete else None
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether `run_dir` holds any checkpoint folder, complete or not."""
+    return bool(_tag_dirs(run_dir / CHECKPOINTS))
+
+
+def _tag_dirs(directory: Path) -> list[Path]:
+    """The step_* folders, oldest first (tags are zero-padded, so names sort by step)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, expert_parallel: bool = False) -> Path:
@@ -42,13 +65,16 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
 
         # DeepSpeed's own MoE checkpointing expects its expert module layout; each rank writes its shard.
         with expert_checkpoint_context(engine):
-            engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+            engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
         save_expert_shards(engine, directory, tag)
     else:
-        engine.save_checkpoint(directory, tag=tag, client_state=client_state)
-    dist.barrier()
+        engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's files, expert shards included, are on disk
     if dist.get_rank() == 0:
+        _write_atomic(run_dir / CHECKPOINTS / tag / COMPLETE, f"{tag}\n")
+        _write_atomic(run_dir / CHECKPOINTS / LATEST, tag)
         _prune(run_dir / CHECKPOINTS, keep_last, keep=tag)
+    dist.barrier()  # no rank reads `latest` or starts the next save before rank 0 has moved it
     return run_dir / CHECKPOINTS / tag
 
 
@@ -68,7 +94,7 @@ def load(engine, run_dir: Path, expert_parallel: bool = False) -> dict:
             path, client_state = engine.load_checkpoint(directory, tag=tag)
     except Exception as err:  # torch.load and DeepSpeed raise many kinds for a damaged file
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrainingError(
+        raise RankError(
             f"checkpoint {run_dir / CHECKPOINTS / tag} is unreadable ({type(err).__name__}: {first}); "
             "delete that folder to fall back to an older one, or start afresh with another --out"
         ) from None
@@ -77,8 +103,17 @@ def load(engine, run_dir: Path, expert_parallel: bool = False) -> dict:
     return client_state
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write, flush to disk, then rename over `path`: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
 def _prune(directory: Path, keep_last: int, keep: str) -> None:
-    tags = sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in tags[:-keep_last]:
+    for old in _tag_dirs(directory)[:-keep_last]:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)

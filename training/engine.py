@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from training.mfu import cpu_has_native_bf16
@@ -48,6 +49,10 @@ ADAM_EPS = 1e-8
 
 class TrainingError(Exception):
     """A user error found before or during training: printed as one line, exit status 2."""
+
+
+class RankError(TrainingError):
+    """A failure of one rank's own state (its checkpoint shard): printed by that rank, not only rank 0."""
 
 
 @dataclass
@@ -201,6 +206,27 @@ def optimizer_groups(model: nn.Module, spec: RunSpec, device: torch.device | Non
              eps=ADAM_EPS, weight_decay=0.0),
     ]
     return [g for g in groups if g["params"]]
+
+
+def unreported_grad_norm(engine, ep_size: int) -> torch.Tensor | None:
+    """The raw gradients' global norm where DeepSpeed reports none, else None. Without a ZeRO, fp16
+    or bf16 optimizer (ZeRO-0 in fp32) DeepSpeed clips with the norm and discards it, so a diverged
+    step would be applied and checkpointed unseen. Call after a step's last backward (the gradients
+    are then all-reduced), before engine.step()."""
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    from deepspeed.moe.utils import is_moe_param
+
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (dense, expert) sums of squares
+    for param in engine.module.parameters():
+        if param.grad is not None:
+            sums[int(is_moe_param(param))] += param.grad.detach().double().square().sum()
+    if ep_size > 1:
+        # Each expert's gradient is on one rank of every expert-parallel group, all groups alike.
+        expert = sums[1:].clone()
+        dist.all_reduce(expert)
+        sums[1:] = expert / (dist.get_world_size() // ep_size)
+    return sums.sum().sqrt()
 
 
 def lr_factor(step: int, spec: RunSpec) -> float:

@@ -29,12 +29,15 @@ from training import checkpoints
 from training.allocator import retain_freed_memory
 from training.data import DataError, PreparedData, Tokenizer, prepare_data
 from training.engine import (
+    RankError,
     TrainingError,
     ds_config_source,
     init_distributed,
     initialize,
     optimizer_groups,
+    lr_factor,
     resolve_ds_config,
+    unreported_grad_norm,
 )
 from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops
 from training.observe import Observer
@@ -76,8 +79,9 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
     preset = args.preset or DEFAULT_PRESET
     out = Path(args.out or f"runs/{preset}")
     if not args.resume:
-        if checkpoints.latest_tag(out):
-            raise TrainingError(f"{out} already holds a checkpoint: pass --resume to continue it, or --out NEW_DIR")
+        if checkpoints.has_checkpoints(out):
+            # Even incomplete ones: a fresh run would mix its checkpoints with theirs.
+            raise TrainingError(f"{out} already holds checkpoints: pass --resume to continue it, or --out NEW_DIR")
         spec = resolve(preset, args.set, args.tiny)
         _check_stop_after(args.stop_after, 0, spec)
         return spec, out, 0
@@ -104,6 +108,11 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
                             f"pass --set train.steps={start} or more")
     if edited.train.steps > start:
         _check_stop_after(args.stop_after, start, edited)
+    if edited.train.steps != spec.train.steps and start < edited.train.steps and os.environ.get("RANK", "0") == "0":
+        # The LR follows train.steps (lr_factor): a new length re-spaces the rest of the cosine.
+        print(f"--resume: train.steps {spec.train.steps} -> {edited.train.steps} re-spaces the LR schedule: its "
+              f"factor goes from {lr_factor(start - 1, spec):.3f} (step {start}) to {lr_factor(start, edited):.3f} "
+              f"(step {start + 1})", flush=True)
     return edited, out, start
 
 
@@ -331,12 +340,17 @@ def train(args: argparse.Namespace) -> int:
                 if micro == spec.train.grad_accum - 1:
                     # DeepSpeed steps the scheduler inside engine.step(): read the LR this update uses first.
                     lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)}
-                engine.step()
+                    own_norm = unreported_grad_norm(engine, ep_size)
+                    if own_norm is not None:
+                        _check_grad_norm(own_norm, spec, step + 1, applied=False)  # before the update
+                _step(engine, step + 1)
                 sums += torch.stack([result.loss.detach(), result.ce_loss.detach(), result.aux_loss.detach()]).double()
                 for layer, s in result.router_stats.items():
                     loads[layer] = loads.get(layer, 0) + s.load_E
                     stats[layer] = s
-            _check_grad_norm(engine, spec, step + 1)
+            applied = engine.was_step_applied()  # False when fp16's loss scaler skipped the update
+            grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
+            _check_grad_norm(grad_norm, spec, step + 1, applied=applied)
             # One all-reduce carries the loads of every layer, the losses and the stop request.
             layers = sorted(loads)
             stop_requested = torch.tensor([float(stop.signum)], dtype=torch.float64, device=env.device)
@@ -345,7 +359,8 @@ def train(args: argparse.Namespace) -> int:
             sizes = [loads[i].numel() for i in layers]
             for layer, load in zip(layers, packed[: sum(sizes)].split(sizes)):
                 loads[layer] = load.float()
-            engine.module.update_routing_biases({i: loads[i] for i in biased})
+            if applied:  # a skipped update leaves the weights, so the biases stay too
+                engine.module.update_routing_biases({i: loads[i] for i in biased})
             loss, ce, aux = (packed[sum(sizes):sum(sizes) + 3] / (spec.train.grad_accum * env.world_size)).tolist()
             tokens = spec.train.micro_batch_size * spec.train.grad_accum * env.world_size * seq_len
             tokens_seen += tokens
@@ -354,10 +369,11 @@ def train(args: argparse.Namespace) -> int:
             if done % spec.train.log_every == 0 or done == spec.train.steps or done == start_step + 1:
                 tps = tokens / seconds
                 mfu = tps * flops_per_token * TRAIN_FLOPS_PER_FORWARD_FLOP / machine_peak
-                grad_norm = engine.get_global_grad_norm()
                 observer.scalars(done, {"train/loss": loss, "train/ce_loss": ce, "train/aux_loss": aux,
                                         "perf/tokens_per_s": tps, "perf/mfu": mfu, "train/tokens": tokens_seen,
                                         **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                                        **({"train/skipped_steps": engine.skipped_steps}
+                                           if spec.train.precision == "fp16" else {}),
                                         **lrs})
                 observer.routers(done, stats, loads, {i: r.e_score_correction_bias for i, r in biased.items()})
                 if env.world_size > 1 and biased:
@@ -413,12 +429,22 @@ def _hellaswag(engine, tokenizer: Tokenizer, spec: RunSpec) -> dict[str, float]:
                               batch_size=spec.train.micro_batch_size, max_length=spec.data.seq_len)
 
 
-def _check_grad_norm(engine, spec: RunSpec, step: int) -> None:
-    """DeepSpeed skips a step whose gradients overflowed and says so only in a log line; outside fp16's
-    loss scaling (where early skips are normal) that means the run has diverged."""
-    norm = engine.get_global_grad_norm()
+def _check_grad_norm(norm, spec: RunSpec, step: int, *, applied: bool) -> None:
+    """A non-finite gradient norm outside fp16's loss scaling (where early overflows are normal and
+    DeepSpeed skips the update) means the run has diverged. Nothing is checkpointed after it."""
     if spec.train.precision != "fp16" and norm is not None and not math.isfinite(float(norm)):
-        raise NonFiniteLoss(f"the gradient norm is {float(norm)} at step {step} (DeepSpeed skipped the update)")
+        what = "the update was applied but not saved" if applied else "the update was not applied"
+        raise NonFiniteLoss(f"the gradient norm is {float(norm)} at step {step} ({what})")
+
+
+def _step(engine, step: int) -> None:
+    """engine.step(), with fp16's give-up (the loss scale cannot shrink further) as a one-line stop."""
+    try:
+        engine.step()
+    except Exception as err:  # DeepSpeed raises a bare Exception for it
+        if "loss scale already at minimum" not in str(err):
+            raise
+        raise NonFiniteLoss(f"fp16 gradients overflow at step {step} even at the smallest loss scale") from None
 
 
 def _rank_spread(routers: dict) -> float:
@@ -477,8 +503,12 @@ def _json(value) -> str:
 
 
 def _print_error(err: Exception) -> None:
-    if os.environ.get("RANK", "0") == "0":
+    # Errors of the spec, data or settings are the same on every rank: rank 0 alone says them once.
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
         print(f"training: error: {err}", file=sys.stderr)
+    elif isinstance(err, RankError):
+        print(f"training: error on rank {rank}: {err}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ alone and loads the weights strictly, so a spec/weights mismatch is an error, no
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 from zoo.builders import build
 from zoo.overrides import SpecError
 from zoo.specs import RunSpec
+from zoo.tokenizer import write_atomic
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,13 +39,16 @@ def save_run_folder(
         raise TypeError(f"save_run_folder needs a RunSpec, got {type(spec).__name__}: wrap a ModelSpec as RunSpec(model=...)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+    write_atomic(run_dir / SPEC_FILE, (spec.model_dump_json(indent=2) + "\n").encode())
     state = model.state_dict() if state_dict is None else state_dict
     tied = getattr(model.lm_head, "weight", None) is model.embed.weight
     # Own, contiguous copies: an engine's parameters may be views into one flat buffer.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()
                if not (tied and k == "lm_head.weight")}
-    save_file(tensors, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    # Written aside and renamed: a kill mid-write leaves the previous weights, never a truncated file.
+    tmp = run_dir / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, run_dir / WEIGHTS_FILE)
     return run_dir
 
 
