@@ -43,6 +43,11 @@ BAD_SPECS = [
     ({"model.attention.qk_rope_head_dim": 2, "model.attention.rope.scaling": {"kind": "dynamic_ntk"}},
      ["layer 0 attention", "dynamic_ntk", "qk_rope_head_dim (2)", "set qk_rope_head_dim >= 4"]),
     ({"model.attention.rope.scaling.kind": "ntk"}, ["model.attention.rope.scaling", "kind", "'ntk'"]),
+    # NaN passed every bound check and was saved to spec.json as null; infinity passed `ge` bounds.
+    ({"model.attention.rope.theta": float("nan")}, ["model.attention.rope.theta", "finite number", "nan"]),
+    ({"model.attention.rope.theta": float("inf")}, ["model.attention.rope.theta", "finite number", "inf"]),
+    ({"train.grad_clip": float("inf")}, ["train.grad_clip", "finite number", "inf"]),
+    ({"model.ffn.router.routed_scaling_factor": float("-inf")}, ["model.ffn.router.routed_scaling_factor", "finite"]),
 ]
 
 
@@ -174,6 +179,13 @@ def test_a_new_kind_with_a_required_field_names_it_and_accepts_it():
     assert with_changes(_Holder(), {"slot.kind": "sized", "slot.size": 3}) == _Holder(slot=_Sized(size=3))
     with pytest.raises(SpecError, match="unknown field 'slot.nope'; valid keys at slot: kind, scale, size"):
         with_changes(_Holder(), {"slot.kind": "sized", "slot.nope": 3})
+
+
+def test_set_refuses_non_finite_json_numbers():
+    """json.loads reads NaN and Infinity: --set must refuse them as it refuses any bad number."""
+    for assignment in ("model.attention.rope.theta=NaN", "train.grad_clip=Infinity"):
+        with pytest.raises(SpecError, match=f"{assignment.partition('=')[0]}: Input should be a finite number"):
+            apply_sets(presets.get("deepseek_glm4"), [assignment])
 
 
 def test_set_keeps_the_text_of_a_string_field_json_reads_as_a_number():
