@@ -28,6 +28,10 @@ def test_show_json_is_the_resolved_spec():
     assert code == 0
     spec = json.loads(out)
     assert spec["model"]["ffn"]["n_experts"] == 16 and spec["model"]["attention"]["kind"] == "mla"
+    code, out, err = run("show", "deepseek_glm4", "--set", "model.ffn.kind=mlp", "--set", "model.ffn.d_hidden=256",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["model"]["ffn"] == {"kind": "mlp", "d_hidden": 256}
 
 
 @pytest.mark.parametrize("args,words", [

@@ -19,8 +19,9 @@ from training.data import load_or_train_tokenizer  # noqa: E402
 from zoo import presets  # noqa: E402
 from zoo.checkpoint import save_run_folder  # noqa: E402
 from zoo.describe import describe  # noqa: E402
-from zoo.generate import GenerationError, Sampling, generate, sample_next  # noqa: E402
+from zoo.generate import GenerationError, Sampling, dynamic_ntk_limit, generate, sample_next  # noqa: E402
 from zoo.overrides import with_changes  # noqa: E402
+from zoo.tokenizer import Tokenizer  # noqa: E402
 from zoo.specs import (  # noqa: E402
     DynamicNTKScaling,
     LinearScaling,
@@ -182,6 +183,38 @@ def test_generation_stops_before_eos_and_checks_the_context():
         Sampling(temperature=1.0, top_p=1.5)
 
 
+def test_tiny_temperatures_sample_the_top_token_and_non_finite_ones_are_refused():
+    """logits / 1e-39 overflowed to inf, the softmax gave NaN and torch.multinomial raised."""
+    logits = torch.tensor([[3.0, 40.0, 39.0, -2.0]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (1e-39, 1e-37, 1e-6):
+        for top_k, top_p in ((None, None), (2, None), (None, 0.9)):
+            sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+            assert int(sample_next(logits, sampling, generator)) == 1
+    for temperature in (float("inf"), float("nan")):
+        with pytest.raises(GenerationError, match=f"temperature={temperature} must be a finite number"):
+            Sampling(temperature=temperature)
+
+
+def test_new_tokens_stay_within_the_tokenizer_vocab():
+    """A model's vocab may be larger than its tokenizer's; ids past the tokenizer's cannot be decoded."""
+    torch.manual_seed(0)
+    model = _model(ATTENTION_KINDS["mha"])
+    prompt, limit = [1, 2, 3], 10
+    for sampling in (Sampling(), Sampling(temperature=1.0), Sampling(temperature=1.0, top_k=50)):
+        tokens = generate(model, prompt, max_new_tokens=40, sampling=sampling, seed=0, tokenizer_vocab_size=limit)
+        assert len(tokens) == 40 and max(tokens) < limit, tokens
+    assert max(generate(model, prompt, max_new_tokens=40, sampling=Sampling(temperature=1.0), seed=0)) >= limit
+
+
+def test_dynamic_ntk_limit_finds_every_dynamic_ntk_layer():
+    ntk = MHASpec(n_heads=4, rope=RopeSpec(scaling=DynamicNTKScaling(original_max_seq_len=24)))
+    base = ModelSpec(vocab_size=97, d_model=64, n_layers=2, max_seq_len=64, attention=MHASpec(n_heads=4), ffn=MOE)
+    assert dynamic_ntk_limit(base) is None
+    assert dynamic_ntk_limit(base.model_copy(update={"attention": ntk})) == 24
+    assert dynamic_ntk_limit(with_changes(base, {"overrides": [{"layers": [1], "attention": ntk}]})) == 24
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -194,6 +227,40 @@ def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     save_run_folder(zoo.build(spec), spec, run)
     tokenizer.save(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def big_vocab_run_dir(run_dir, tmp_path_factory):
+    """run_dir's tokenizer (512 pieces) with a model of 8x its vocab: a random model samples ids past 512."""
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"model.vocab_size": 8 * VOCAB})
+    run = tmp_path_factory.mktemp("big_vocab_run")
+    save_run_folder(zoo.build(spec), spec, run)
+    Tokenizer.load(run_dir).save(run)
+    return run
+
+
+NTK_RUN_ORIGINAL = 16
+
+
+@pytest.fixture(scope="module")
+def ntk_run_dir(run_dir, tmp_path_factory):
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {
+        "model.vocab_size": VOCAB, "model.attention.rope.scaling.kind": "dynamic_ntk",
+        "model.attention.rope.scaling.original_max_seq_len": NTK_RUN_ORIGINAL})
+    run = tmp_path_factory.mktemp("ntk_run")
+    save_run_folder(zoo.build(spec), spec, run)
+    Tokenizer.load(run_dir).save(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def junk_tokenizer_run_dir(run_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("junk_tokenizer_run")
+    for path in run_dir.iterdir():
+        if path.is_file():
+            (run / path.name).write_bytes(path.read_bytes())
+    (run / "tokenizer.model").write_bytes(b"junk\n")
     return run
 
 
@@ -218,11 +285,38 @@ def test_cli_generate_cached_and_uncached_agree(run_dir):
     (["generate", "{run}", "--prompt", "word " * 200], ["the prompt is", "max_seq_len", "64"]),
     (["generate", "{run}", "--prompt", "hi", "--max-new-tokens", "100"], ["max_new_tokens <="]),
     (["generate", "{run}", "--prompt", "hi", "--temperature", "-1"], ["temperature=-1.0"]),
+    (["generate", "{run}", "--prompt", "hi", "--temperature", "inf", "--max-new-tokens", "4"], ["temperature=inf", "finite"]),
+    (["generate", "{run}", "--prompt", "hi", "--top-k", "5", "--max-new-tokens", "4"], ["--top-k sample", "--temperature > 0"]),
+    (["generate", "{run}", "--prompt", "hi", "--top-p", "0.9", "--temperature", "0", "--max-new-tokens", "4"],
+     ["--top-p sample", "--temperature > 0"]),
+    (["generate", "{junk}", "--prompt", "hi"], ["tokenizer.model", "is not a SentencePiece model"]),
+    (["eval", "{junk}", "--ppl", "{junk}/spec.json"], ["tokenizer.model", "is not a SentencePiece model"]),
 ])
-def test_cli_generate_bad_input_is_one_line_exit_2(run_dir, tmp_path, args, words):
-    args = [a.format(run=run_dir, missing=tmp_path / "nope") for a in args]
+def test_cli_generate_bad_input_is_one_line_exit_2(run_dir, junk_tokenizer_run_dir, tmp_path, args, words):
+    args = [a.format(run=run_dir, junk=junk_tokenizer_run_dir, missing=tmp_path / "nope") for a in args]
     code, _, err = zoo_cli(*args)
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     for word in words:
         assert word in err
+
+
+def test_cli_generate_samples_only_ids_the_tokenizer_can_decode(big_vocab_run_dir):
+    """Sampling from a random 4096-token model picked ids past the 512-piece tokenizer: IndexError."""
+    code, out, err = zoo_cli("generate", big_vocab_run_dir, "--prompt", "ROMEO:", "--max-new-tokens", 20,
+                             "--temperature", 1.0, "--seed", 0)
+    assert code == 0, err
+    assert out.startswith("ROMEO:") and "20 new tokens" in err
+
+
+def test_cli_generate_warns_when_dynamic_ntk_and_the_cache_may_differ(ntk_run_dir):
+    """Past original_max_seq_len cached keys keep their own step's rotation: say so, once, only then."""
+    def warnings(*flags, new=40):
+        code, _, err = zoo_cli("generate", ntk_run_dir, "--prompt", "ROMEO:", "--max-new-tokens", new, *flags)
+        assert code == 0, err
+        return [line for line in err.splitlines() if "warning" in line]
+
+    long = warnings()
+    assert len(long) == 1 and "dynamic-NTK" in long[0] and f"({NTK_RUN_ORIGINAL} tokens)" in long[0]
+    assert warnings("--no-cache") == []
+    assert warnings(new=2) == []

@@ -9,7 +9,16 @@ import torch
 import zoo
 from zoo import presets
 from zoo.describe import describe
-from zoo.specs import RunSpec
+from zoo.presets.tiny import tiny
+from zoo.specs import (
+    LayerOverride,
+    MLPSpec,
+    ModelSpec,
+    MoESpec,
+    RunSpec,
+    SigmoidGroupTopKRouterSpec,
+    SoftmaxTopKRouterSpec,
+)
 
 PRESETS = presets.names()
 
@@ -92,3 +101,25 @@ def test_tiny_keeps_the_architecture():
     assert 1 < small.attention.kv_heads() < small.attention.n_heads  # GQA stays GQA
     assert small.first_k_dense == full.first_k_dense
     assert small.ffn.router == full.ffn.router
+
+
+def test_tiny_keeps_routing_valid_whatever_top_k_and_grouping():
+    """tiny() capped n_experts at max(8, 2 x n_groups) whatever top_k: a 64-expert top-10 preset failed."""
+    flat = MoESpec(n_experts=64, top_k=10, router=SoftmaxTopKRouterSpec(norm_topk_prob=True))
+    grouped = MoESpec(n_experts=64, top_k=10, router=SigmoidGroupTopKRouterSpec(n_groups=8, topk_groups=2))
+    for ffn in (flat, grouped):
+        small = tiny(RunSpec(model=ModelSpec(ffn=ffn))).model.ffn
+        groups, chosen = getattr(ffn.router, "n_groups", 1), getattr(ffn.router, "topk_groups", 1)
+        assert small.top_k == 10 and small.router == ffn.router and small.n_experts < ffn.n_experts
+        assert small.n_experts % groups == 0 and chosen * small.n_experts // groups > small.top_k  # still a choice
+    few = tiny(RunSpec(model=ModelSpec(ffn=MoESpec(n_experts=4, top_k=4)))).model.ffn
+    assert few.n_experts == 4  # never more experts than the full size
+
+
+def test_tiny_keeps_the_first_layer_of_each_periodic_override():
+    """tiny() kept only listed override layers: every=3 from offset=3 vanished at 2 layers."""
+    spec = RunSpec(model=ModelSpec(n_layers=12, ffn=MoESpec(), overrides=[
+        LayerOverride(every=3, offset=3, ffn=MLPSpec(d_hidden=256))]))
+    small = tiny(spec).model
+    assert small.n_layers < spec.model.n_layers
+    assert [layer.ffn.kind for layer in small.layer_specs()][3] == "mlp"

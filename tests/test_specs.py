@@ -1,11 +1,15 @@
 """Specs: every bad spec gives its promised message; edits and diffs behave."""
 
+from typing import Annotated, Literal, Union
+
 import pytest
+from pydantic import Field
 
 from zoo import presets
 from zoo.overrides import SpecError, apply_sets, diff, validate, with_changes
 from zoo.specs import (
     LayerOverride,
+    LinearScaling,
     MHASpec,
     MLASpec,
     MLPSpec,
@@ -13,6 +17,8 @@ from zoo.specs import (
     MoESpec,
     RunSpec,
     SigmoidGroupTopKRouterSpec,
+    SoftmaxTopKRouterSpec,
+    Spec,
     YarnScaling,
 )
 
@@ -37,6 +43,11 @@ BAD_SPECS = [
     ({"model.attention.qk_rope_head_dim": 2, "model.attention.rope.scaling": {"kind": "dynamic_ntk"}},
      ["layer 0 attention", "dynamic_ntk", "qk_rope_head_dim (2)", "set qk_rope_head_dim >= 4"]),
     ({"model.attention.rope.scaling.kind": "ntk"}, ["model.attention.rope.scaling", "kind", "'ntk'"]),
+    # NaN passed every bound check and was saved to spec.json as null; infinity passed `ge` bounds.
+    ({"model.attention.rope.theta": float("nan")}, ["model.attention.rope.theta", "finite number", "nan"]),
+    ({"model.attention.rope.theta": float("inf")}, ["model.attention.rope.theta", "finite number", "inf"]),
+    ({"train.grad_clip": float("inf")}, ["train.grad_clip", "finite number", "inf"]),
+    ({"model.ffn.router.routed_scaling_factor": float("-inf")}, ["model.ffn.router.routed_scaling_factor", "finite"]),
 ]
 
 
@@ -127,6 +138,67 @@ def test_set_parses_json_values_and_switches_kind():
     assert spec.model.ffn.n_experts == 16 and spec.train.adam_lr == 1e-3 and not spec.model.tie_embeddings
     assert spec.data.source == "/tmp/x.txt"
     assert spec.model.attention == MHASpec()  # a new kind starts from its defaults
+
+
+def test_a_new_kind_can_be_edited_in_the_same_command():
+    """A kind change used to leave the slot as {"kind": new}, so the next --set into it was an unknown field."""
+    spec = apply_sets(presets.get("deepseek_glm4"), ["model.ffn.kind=mlp", "model.ffn.d_hidden=256"])
+    assert spec.model.ffn == MLPSpec(d_hidden=256)
+    spec = apply_sets(presets.get("deepseek_glm4"),
+                      ["model.attention.rope.scaling.kind=yarn", "model.attention.rope.scaling.factor=8"])
+    assert spec.model.attention.rope.scaling == YarnScaling(factor=8.0)
+    spec = with_changes(presets.get("deepseek_glm4"), {
+        "model.ffn.router.kind": "softmax_topk", "model.ffn.router.z_loss_weight": 0.001,
+        "model.attention.kind": "mha", "model.attention.rope.scaling.kind": "linear",
+        "model.attention.rope.scaling.factor": 3.0,
+    })
+    assert spec.model.ffn.router == SoftmaxTopKRouterSpec(z_loss_weight=0.001)
+    assert spec.model.attention == MHASpec(rope={"scaling": LinearScaling(factor=3.0)})
+    base = ModelSpec(d_model=64, overrides=[LayerOverride(layers=[1], ffn=MLPSpec(d_hidden=32))])
+    spec = with_changes(base, {"overrides.0.ffn.kind": "moe", "overrides.0.ffn.n_experts": 4})
+    assert spec.overrides[0].ffn == MoESpec(n_experts=4)
+
+
+class _Plain(Spec):
+    kind: Literal["plain"] = "plain"
+
+
+class _Sized(Spec):
+    kind: Literal["sized"] = "sized"
+    size: int  # required: this kind has no default for it
+    scale: float = 1.0
+
+
+class _Holder(Spec):
+    slot: Annotated[Union[_Plain, _Sized], Field(discriminator="kind")] = _Plain()
+
+
+def test_a_new_kind_with_a_required_field_names_it_and_accepts_it():
+    with pytest.raises(SpecError, match=r"^slot.size: Field required$"):
+        with_changes(_Holder(), {"slot.kind": "sized"})
+    assert with_changes(_Holder(), {"slot.kind": "sized", "slot.size": 3}) == _Holder(slot=_Sized(size=3))
+    with pytest.raises(SpecError, match="unknown field 'slot.nope'; valid keys at slot: kind, scale, size"):
+        with_changes(_Holder(), {"slot.kind": "sized", "slot.nope": 3})
+
+
+def test_set_refuses_non_finite_json_numbers():
+    """json.loads reads NaN and Infinity: --set must refuse them as it refuses any bad number."""
+    for assignment in ("model.attention.rope.theta=NaN", "train.grad_clip=Infinity"):
+        with pytest.raises(SpecError, match=f"{assignment.partition('=')[0]}: Input should be a finite number"):
+            apply_sets(presets.get("deepseek_glm4"), [assignment])
+
+
+def test_set_keeps_the_text_of_a_string_field_json_reads_as_a_number():
+    """Values are JSON first: data.source=2024 was the integer 2024 and failed as "not a valid string"."""
+    spec = apply_sets(presets.get("deepseek_glm4"), ["data.source=2024", "data.text_field=true",
+                                                     "eval.hellaswag_path=1.5"])
+    assert (spec.data.source, spec.data.text_field, spec.eval.hellaswag_path) == ("2024", "true", "1.5")
+    assert apply_sets(presets.get("deepseek_glm4"), ["eval.hellaswag_path=null"]).eval.hellaswag_path is None
+    assert apply_sets(presets.get("deepseek_glm4"), ["data.source=\"2024\""]).data.source == "2024"
+    with pytest.raises(SpecError, match=r"model.d_model: .*integer.*'abc'"):
+        apply_sets(presets.get("deepseek_glm4"), ["model.d_model=abc"])
+    with pytest.raises(SpecError, match=r"model.d_model: .*integer.*1.5"):
+        apply_sets(presets.get("deepseek_glm4"), ["model.d_model=1.5"])
 
 
 @pytest.mark.parametrize("assignment,words", [

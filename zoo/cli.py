@@ -135,6 +135,7 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from training.evaluation.harness import EvalError, eval_run
     from zoo.generate import RunError
+    from zoo.tokenizer import TokenizerError
 
     tasks = [name.strip() for name in (args.tasks or "").split(",") if name.strip()]
     data_files = {}
@@ -147,26 +148,40 @@ def cmd_eval(args: argparse.Namespace) -> None:
     try:
         eval_run(args.run_dir, tasks=tasks, data_files=data_files, limit=args.limit, ppl=args.ppl,
                  batch_size=args.batch_size, output=args.output, step=args.step)
-    except (EvalError, RunError) as err:
+    except (EvalError, RunError, TokenizerError) as err:
         raise UsageError(str(err)) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
-    from zoo.generate import GenerationError, RunError, Sampling, check_fits, generate, load_run
+    from zoo.generate import (GenerationError, RunError, Sampling, check_fits, dynamic_ntk_limit, generate,
+                              load_run)
+    from zoo.tokenizer import TokenizerError
 
+    cuts = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+    if cuts and not args.temperature > 0:
+        # Temperature 0 is greedy and would ignore them: the user asked to sample but would not.
+        raise UsageError(f"{' and '.join(cuts)} sample, but --temperature is {args.temperature} (greedy): "
+                         "give --temperature > 0, e.g. --temperature 0.8")
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         model, spec, tokenizer = load_run(args.run_dir)
         # The prompt starts a document, as every training document starts after an EOS.
         prompt = [tokenizer.eos_id, *tokenizer.encode(args.prompt)]
         check_fits(len(prompt), args.max_new_tokens, spec.model.max_seq_len)
-    except (GenerationError, RunError) as err:
+    except (GenerationError, RunError, TokenizerError) as err:
         raise UsageError(str(err)) from None
+    ntk_limit = dynamic_ntk_limit(spec.model)
+    # The last forward pass sees the prompt and every new token but the last.
+    if not args.no_cache and ntk_limit is not None and len(prompt) + args.max_new_tokens - 1 > ntk_limit:
+        print(f"zoo: warning: dynamic-NTK RoPE with the KV cache: past original_max_seq_len ({ntk_limit} tokens) "
+              "cached keys keep their own step's rotation (as in transformers), so the tokens may differ from "
+              "--no-cache", file=sys.stderr)
     start = time.perf_counter()
     tokens = generate(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                      eos_id=tokenizer.eos_id, max_seq_len=spec.model.max_seq_len, use_cache=not args.no_cache)
+                      eos_id=tokenizer.eos_id, max_seq_len=spec.model.max_seq_len, use_cache=not args.no_cache,
+                      tokenizer_vocab_size=tokenizer.vocab_size)
     seconds = time.perf_counter() - start
     print(args.prompt + tokenizer.decode(tokens))
     print(f"{len(tokens)} new tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, "
@@ -230,8 +245,10 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the default)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    gen.add_argument("--top-p", type=float, default=None, help="sample within the top-p probability mass")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely tokens (needs --temperature > 0)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="sample within the top-p probability mass (needs --temperature > 0)")
     gen.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (reference)")
     gen.set_defaults(fn=cmd_generate)

@@ -4,11 +4,15 @@
 
 With the cache (the default) the prompt runs through the model once and every later step feeds only
 the newest token, attending to the cached past (`zoo.blocks.kv_cache`); without it every step runs the
-whole sequence again. Both give the same tokens (greedy: token for token, tested); the cache is the
-fast path, the uncached one the reference.
+whole sequence again. Greedy decoding gives the same tokens either way (tested for every preset),
+except with dynamic-NTK RoPE once the sequence grows past the scaling's `original_max_seq_len`: its
+frequencies depend on the length so far and cached keys keep the rotation of their own step (as in
+transformers), so from there the tokens may differ; `zoo generate` warns when a request can get there
+(`dynamic_ntk_limit`). The cache is the fast path, the uncached one the reference.
 
 Sampling follows transformers' order: logits / temperature, then keep the top_k, then the smallest set
-whose probability reaches top_p; temperature 0 is greedy (argmax, top_k/top_p unused).
+whose probability reaches top_p; temperature 0 is greedy (argmax, top_k/top_p unused, as transformers
+ignores them without do_sample; `zoo generate` refuses --top-k/--top-p without a temperature).
 
 `load_run(RUN_DIR)` gives (model, spec, tokenizer) for `zoo generate` and `zoo eval`; `zoo generate`
 puts EOS before the prompt, since every training document starts after one.
@@ -16,12 +20,17 @@ puts EOS before the prompt, since every training document starts after one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+# Below the smallest normal float32, a temperature rounds to a subnormal or to 0 in the float32 logits and
+# (logit - max) / temperature gives 0 / 0 at the top token; such a temperature is greedy in all but name.
+MIN_SAMPLING_TEMPERATURE = torch.finfo(torch.float32).tiny
 
 
 class GenerationError(ValueError):
@@ -54,13 +63,16 @@ def load_run(run_dir: str | Path, *, dtype: torch.dtype = torch.float32):
 
 @dataclass(frozen=True)
 class Sampling:
+    """How the next token is picked. Temperature 0 is greedy and ignores top_k/top_p, as transformers
+    does without do_sample (lm-eval tasks such as mimic_repsum set top_p without sampling)."""
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None  # None = all tokens
     top_p: float | None = None  # None = no nucleus cut
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise GenerationError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise GenerationError(f"temperature={self.temperature} must be a finite number >= 0 (0 is greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise GenerationError(f"top_k={self.top_k} must be >= 1 (or unset for all tokens)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -68,14 +80,17 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 def sample_next(logits_BV: torch.Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
     """The next token (B,) from last-position logits (B, V)."""
     if sampling.greedy:
         return logits_BV.argmax(dim=-1)
-    logits_BV = logits_BV.float() / sampling.temperature
+    # Shift the top logit to 0 before dividing: a small temperature then sends the others towards -inf
+    # instead of overflowing every logit to inf (inf - inf is NaN in the softmax).
+    logits_BV = logits_BV.float()
+    logits_BV = (logits_BV - logits_BV.max(dim=-1, keepdim=True).values) / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits_BV.shape[-1]:
         kth_B1 = logits_BV.topk(sampling.top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
@@ -100,11 +115,14 @@ def iter_generate(
     eos_id: int | None = None,
     max_seq_len: int | None = None,
     use_cache: bool = True,
+    tokenizer_vocab_size: int | None = None,
 ) -> Iterator[int]:
     """Yield up to `max_new_tokens` new tokens after `prompt_ids`, stopping before `eos_id`.
 
     `max_seq_len` (the model's context, when given) bounds prompt + new tokens: a request that cannot
-    fit raises GenerationError before any work. `seed` makes sampling reproducible."""
+    fit raises GenerationError before any work. `seed` makes sampling reproducible.
+    `tokenizer_vocab_size` keeps every new id below it: a model's vocab may be larger than its
+    tokenizer's (`load_run` allows it), and the tokenizer cannot decode the ids past its own."""
     prompt = list(prompt_ids)
     check_fits(len(prompt), max_new_tokens, max_seq_len)
     device = next(model.parameters()).device
@@ -116,6 +134,8 @@ def iter_generate(
     step_ids_1T = ids_1T  # what the next forward sees: all tokens without a cache, the newest with one
     for _ in range(max_new_tokens):
         logits_1V = model(step_ids_1T, cache=cache).logits[:, -1]
+        if tokenizer_vocab_size is not None:
+            logits_1V[:, tokenizer_vocab_size:] = float("-inf")
         token = int(sample_next(logits_1V, sampling, generator))
         if token == eos_id:
             return
@@ -128,6 +148,14 @@ def iter_generate(
 def generate(model: nn.Module, prompt_ids: Sequence[int], **kwargs) -> list[int]:
     """The new tokens of `iter_generate` as a list (the prompt not included)."""
     return list(iter_generate(model, prompt_ids, **kwargs))
+
+
+def dynamic_ntk_limit(spec) -> int | None:
+    """The smallest `original_max_seq_len` of a dynamic-NTK layer of a ModelSpec (None if there is none):
+    past it, cached decoding may differ from recomputing the prefix (see the module docstring)."""
+    limits = [layer.attention.rope.scaling.original_max_seq_len for layer in spec.layer_specs()
+              if layer.attention.rope.scaling.kind == "dynamic_ntk"]
+    return min(limits, default=None)
 
 
 def check_fits(prompt_len: int, max_new_tokens: int, max_seq_len: int | None) -> None:

@@ -4,6 +4,7 @@ Kinds, flags, ratios that change behaviour (GQA vs MQA, partial rotary, group-li
 first-k-dense, per-layer overrides, RoPE scaling) survive; widths, depth, vocabulary and budget shrink.
 """
 
+import math
 from typing import Any
 
 from zoo.overrides import validate
@@ -15,14 +16,18 @@ TINY_HEADS = 4
 TINY_SEQ = 64
 TINY_HIDDEN = 128
 TINY_EXPERT_HIDDEN = 32
-TINY_MAX_EXPERTS = 8
+TINY_MAX_EXPERTS = 8  # raised where top_k or group-limited routing needs more
+TINY_EXPERTS_PER_GROUP = 2  # so group-limited routing still chooses within each group
 TINY_ORIGINAL_CONTEXT = 32  # below TINY_SEQ, so dynamic-NTK and YaRN scaling are exercised
 
 
 def tiny(spec: RunSpec) -> RunSpec:
     data = spec.model_dump(mode="json")
     model = data["model"]
-    deepest_override = max((i for o in model["overrides"] for i in o["layers"]), default=-1)
+    # Keep every layer an override names and the first layer each periodic override selects.
+    listed = [i for o in model["overrides"] for i in o["layers"]]
+    periodic_starts = [o["offset"] for o in model["overrides"] if o["every"] is not None]
+    deepest_override = max(listed + periodic_starts, default=-1)
     model["n_layers"] = min(model["n_layers"], max(2, model["first_k_dense"] + 2, deepest_override + 1))
     model.update(vocab_size=TINY_VOCAB, d_model=TINY_D_MODEL, max_seq_len=TINY_SEQ)
     _shrink(model)
@@ -56,8 +61,12 @@ def _shrink(node: Any) -> None:
         node["d_hidden"] = TINY_HIDDEN
     elif kind == "moe":
         router = node["router"]
-        groups = router.get("n_groups", 1)
-        node["n_experts"] = min(node["n_experts"], max(TINY_MAX_EXPERTS, groups * 2))
+        groups, chosen = router.get("n_groups", 1), router.get("topk_groups", 1)
+        # A multiple of n_groups whose topk_groups chosen groups hold more than top_k experts, so the
+        # router still picks; never more than the full size, which already satisfies every rule.
+        per_group = max(math.ceil(TINY_MAX_EXPERTS / groups), TINY_EXPERTS_PER_GROUP,
+                        math.ceil((node["top_k"] + 1) / chosen))
+        node["n_experts"] = min(node["n_experts"], groups * per_group)
         node["d_expert"] = TINY_EXPERT_HIDDEN
     if "original_max_seq_len" in node:
         node["original_max_seq_len"] = min(node["original_max_seq_len"], TINY_ORIGINAL_CONTEXT)
