@@ -189,6 +189,40 @@ def test_perplexity_of_a_held_out_file(lm, run, tmp_path):
     assert result["bits_per_byte"] == pytest.approx(-logprob / math.log(2) / n_bytes, rel=1e-5)
 
 
+def _generate_request(context, **gen_kwargs):
+    return Instance(request_type="generate_until", doc={}, arguments=(context, gen_kwargs), idx=0)
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(run, lm):
+    _, model, _, tokenizer = run
+    context = "ROMEO:\nBut soft, what light"
+    (text,) = lm.generate_until([_generate_request(context, until=["e"], max_gen_toks=24)], disable_tqdm=True)
+    # The same tokens by hand: greedy decoding of the encoded context, decoded, cut before the stop string.
+    ids = tokenizer.encode(context)
+    new = []
+    with torch.no_grad():
+        for _ in range(24):
+            next_id = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if next_id == tokenizer.eos_id:
+                break
+            new.append(next_id)
+            if "e" in tokenizer.decode(new):
+                break
+    assert text == tokenizer.decode(new).split("e")[0]
+
+
+def test_generate_until_samples_only_ids_the_tokenizer_can_decode(run, tmp_path):
+    """A model vocab larger than the tokenizer's (allowed, as for an imported model): sampling from a
+    near-uniform untrained model drew ids past the tokenizer's 512 and SentencePiece raised."""
+    _, _, spec, tokenizer = run
+    big = with_changes(spec, {"model.vocab_size": 4 * VOCAB})
+    save_run_folder(zoo.build(big), big, tmp_path)
+    tokenizer.save(tmp_path)
+    request = _generate_request("To be", until=["\n\n"], max_gen_toks=32, do_sample=True, temperature=1.0, seed=0)
+    (text,) = ZooLM(str(tmp_path)).generate_until([request], disable_tqdm=True)
+    assert isinstance(text, str)
+
+
 def test_multiple_choice_scores_follow_lm_eval():
     choices = ["a long answer", "no", "xyz", "b"]
     # acc takes the raw argmax (choice 1); acc_norm divides by characters: -10/13 beats -9/2.

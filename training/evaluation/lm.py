@@ -208,7 +208,8 @@ class ZooLM(TemplateLM):
             tokens, text = [], ""
             with self._eval_mode():
                 for token in iter_generate(self.model, prompt, max_new_tokens=max_gen_toks, sampling=sampling,
-                                           seed=kwargs.get("seed"), eos_id=self.eot_token_id):
+                                           seed=kwargs.get("seed"), eos_id=self.eot_token_id,
+                                           tokenizer_vocab_size=self.tokenizer.vocab_size):
                     tokens.append(token)
                     text = self.tok_decode(tokens)
                     if any(stop and stop in text for stop in until):
