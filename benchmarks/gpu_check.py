@@ -501,6 +501,8 @@ def section_train(args) -> None:
 
     import torch
 
+    from training.mfu import format_mfu
+
     sets = train_sets(args)
     try:
         from zoo.cli import resolve
@@ -575,8 +577,9 @@ def section_train(args) -> None:
         tps = statistics.median(s[2] for s in steady)
         mfu = statistics.median(s[3] for s in steady)
         note(f"train{' (compile)' if args.compile else ''}: {status} after {wall:.0f} s; logged steps "
-             + ", ".join(f"{s[0]}: {s[2]:,.0f} tok/s {s[3]:.1f}%" for s in steps))
-        note(f"train{' (compile)' if args.compile else ''}: median over logged steps > 1: {tps:,.0f} tokens/s, MFU {mfu:.1f}% "
+             + ", ".join(f"{s[0]}: {s[2]:,.0f} tok/s {format_mfu(s[3] / 100)}" for s in steps))
+        note(f"train{' (compile)' if args.compile else ''}: median over logged steps > 1: {tps:,.0f} tokens/s, "
+             f"MFU {format_mfu(mfu / 100)} "
              f"(trainer's figures; loss {steps[0][1]:.2f} -> {steps[-1][1]:.2f})")
     else:
         errs = [line for line in lines if "error" in line.lower() or "Error" in line][-3:]
@@ -594,6 +597,8 @@ def section_train(args) -> None:
 # ---------------------------------------------------------------------------------------- trainstep
 def section_trainstep(args) -> None:
     import json
+
+    from training.mfu import MFU_ABOVE_PEAK_NOTE, format_mfu
 
     out, profile = Path(args.train_out + "_trainstep.json"), Path(args.train_out + "_trainstep_profile.txt")
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--preset", TRAIN_PRESET, "--precisions", "bf16",
@@ -615,9 +620,14 @@ def section_trainstep(args) -> None:
     result = json.loads(out.read_text())
     for row in result["results"].values():
         memory = row.get("peak_step_memory_bytes") or 0
+        measured = f" (of the measured {row['peak_flops'] / 1e12:.0f} TFLOP/s)" if row.get("peak_flops") else ""
+        datasheet = (f", {format_mfu(row['mfu_datasheet'])} of the datasheet's {row['datasheet_peak_flops'] / 1e12:.0f}"
+                     " TFLOP/s" if row.get("mfu_datasheet") is not None else "")
         note(f"trainstep {TRAIN_PRESET} batch {args.micro_batch}x1024: {row['label']}: {row['step_ms']:.0f} ms/step, "
-             f"{row['tokens_per_s']:,.0f} tokens/s, MFU {row['mfu']:.1%} (of {row['peak_flops'] / 1e12:.0f} TFLOP/s), "
-             f"{row.get('mfu_measured_peak', float('nan')):.1%} of the measured peak, step memory {memory / 2**30:.1f} GiB")
+             f"{row['tokens_per_s']:,.0f} tokens/s, MFU {format_mfu(row['mfu'])}{measured}{datasheet}, "
+             f"step memory {memory / 2**30:.1f} GiB")
+        if row.get("mfu_above_peak"):
+            note("trainstep: " + MFU_ABOVE_PEAK_NOTE)
     if "speedup" in result:
         note(f"trainstep: zoo / transformers speed {result['speedup']:.2f}x")
     if profile.exists():

@@ -9,8 +9,9 @@ data.seq_len random tokens. Both sides use torch's AdamW (fused where the device
 comparison is of the models, not of Muon against Adam. "bf16" is autocast to bfloat16 over fp32
 weights (the weights, gradients and optimizer state stay fp32).
 
-1. transformers gets the zoo model's weights (`zoo.interop.hf.to_hf_model`); both compute the loss
-   of one batch in fp32 and must agree, or the benchmark stops: the two run the same workload.
+1. transformers gets the zoo model's weights (`zoo.interop.hf.to_hf_model`); both compute the
+   logits and loss of one batch in fp32 and must agree (LOGITS_TOLERANCE, LOSS_TOLERANCE), or the
+   benchmark stops: the two run the same workload.
 2. Probe: every candidate runs `--probe-steps` steps after a warm-up (1 step, 4 when compiled);
    transformers' candidates are each experts_implementation x attn_implementation x {fp32, bf16
    autocast}, the zoo's are {fp32, bf16};
@@ -19,14 +20,21 @@ weights (the weights, gradients and optimizer state stay fp32).
 3. The two winners alternate, step by step, for `--reps` rounds after `--warmup` steps each (the
    default 2 is raised to 4 for a compiled winner);
    medians are reported: tokens/s, model FLOPs per token (forward x 3, from `zoo describe`),
-   achieved FLOP/s, MFU against the measured matmul peak of the winner's dtype (`training.mfu`),
-   peak memory, and the speed ratio zoo / transformers.
+   achieved FLOP/s, MFU against the matmul peak of the winner's dtype measured on this device
+   (`training.mfu.measured_peak_flops`; on CUDA also `mfu_datasheet`, against the datasheet's peak),
+   peak step memory, and the speed ratio zoo / transformers. bf16 on a CPU without bf16
+   instructions has no MFU (n/a); an MFU above 100% is marked "!" (its peak is wrong).
 
 Like the trainer, the benchmark keeps freed CPU memory for reuse (`training/allocator.py`); that is
-process-wide, so both sides get it. Each probe runs in a child process of its own, so that one which runs out of memory (transformers'
-batched_mm gathers a weight matrix per token) is reported and skipped, and so that peak memory is
-measurable: on CUDA the allocator's peak during the steps less what the model, optimizer and batch
-held before them; on CPU the growth of the resident set (the CPU allocator keeps no statistics).
+process-wide, so both sides get it. Each probe runs in a child process of its own, so that one
+which runs out of memory (transformers' batched_mm gathers a weight matrix per token) is reported
+and skipped, and so that peak memory is measurable. Peak step memory is what one more train step,
+after the warm-up and the timed ones, needs beyond what persists between steps: activations,
+gradients and temporaries, not the weights, nor AdamW's state (created in the warm-up step), nor
+compiled code. On CUDA: the allocator's peak during that step less what it held before it. On CPU:
+freed memory is handed back to the OS first (`benchmarks.common.release_freed_memory`), then the
+resident high-water mark (VmHWM, reset just before the step) less the resident set before it; n/a
+where Linux's /proc/self/clear_refs is missing (getrusage's peak includes the parent's).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -48,11 +57,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402
-    alternate, current_rss_bytes, max_rss_bytes, measured_cuda_peak, median, spread, synchronize, timed,
+    alternate, current_rss_bytes, median, peak_rss_bytes, release_freed_memory, reset_peak_rss, spread, synchronize,
+    timed,
 )
 from training.allocator import retain_freed_memory  # noqa: E402
-from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops  # noqa: E402
-from training.mfu import native_bf16  # noqa: E402
+from training.mfu import (  # noqa: E402
+    MFU_ABOVE_PEAK_NOTE, TRAIN_FLOPS_PER_FORWARD_FLOP, datasheet_peak_flops, format_mfu, measured_peak_flops, native_bf16,
+)
 from zoo import presets  # noqa: E402
 from zoo.builders import build  # noqa: E402
 from zoo.describe import describe  # noqa: E402
@@ -62,8 +73,12 @@ from zoo.specs import RunSpec  # noqa: E402
 HF_EXPERTS = ("eager", "batched_mm", "grouped_mm")
 HF_ATTENTION = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16")
-LOSS_TOLERANCE = 1e-3
-COMPILED_WARMUP_STEPS = 4  # a compiled model's steps 2-4 still ran ~1.7x slower than later ones here  # fp32 loss of the same batch, zoo vs transformers
+LOSS_TOLERANCE = 1e-3  # fp32 loss of the same batch, zoo vs transformers
+# Largest |difference| of their fp32 logits. Measured: 0 (W1 in full, batch 1) to 1.2e-6 (W2 at two layers;
+# W1 at toy size 6.6e-7), summation order alone; 1e-3 leaves ~1000x for larger models. A 1% change of
+# routed_scaling_factor moves the toy logits by 2e-2 but its loss by 2.8e-4, which LOSS_TOLERANCE lets through.
+LOGITS_TOLERANCE = 1e-3
+COMPILED_WARMUP_STEPS = 4  # a compiled model's steps 2-4 still ran ~1.7x slower than later ones here
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -119,10 +134,11 @@ class Contender:
         return loss.detach()
 
     @torch.no_grad()
-    def fp32_loss(self) -> float:
-        """Cross-entropy of the batch in fp32, without an auxiliary loss."""
+    def fp32_forward(self) -> tuple[float, torch.Tensor]:
+        """Cross-entropy of the batch in fp32, without an auxiliary loss, and the logits (B, T, V)."""
         out = self.model(self.ids, labels=self.ids)
-        return float(getattr(out, "ce_loss", None) if getattr(out, "ce_loss", None) is not None else out.loss)
+        loss = getattr(out, "ce_loss", None) if getattr(out, "ce_loss", None) is not None else out.loss
+        return float(loss), out.logits.float()
 
 
 def default_precisions(device: torch.device) -> list[str]:
@@ -144,14 +160,18 @@ def candidates(args) -> tuple[list[Candidate], list[Candidate]]:
     return zoo, (hf if args.hf else [])
 
 
-def check_same_workload(spec: RunSpec, device: torch.device) -> tuple[float, float]:
+def check_same_workload(spec: RunSpec, device: torch.device) -> tuple[float, float, float]:
+    """The zoo's and transformers' fp32 losses of one batch, and the largest |difference| of their
+    logits; stops the benchmark where either differs by more than its tolerance."""
     zoo = Contender(Candidate("zoo", "fp32"), spec, device)
     hf = Contender(Candidate("transformers", "fp32", experts="eager", attention="sdpa"), spec, device)
-    zoo_loss, hf_loss = zoo.fp32_loss(), hf.fp32_loss()
-    if abs(zoo_loss - hf_loss) > LOSS_TOLERANCE:
-        raise SystemExit(f"error: the zoo's fp32 loss {zoo_loss:.6f} and transformers' {hf_loss:.6f} differ by "
-                         f"more than {LOSS_TOLERANCE}: the two models do not run the same workload")
-    return zoo_loss, hf_loss
+    (zoo_loss, zoo_logits), (hf_loss, hf_logits) = zoo.fp32_forward(), hf.fp32_forward()
+    logits_diff = (zoo_logits - hf_logits).abs().max().item()
+    if abs(zoo_loss - hf_loss) > LOSS_TOLERANCE or not logits_diff <= LOGITS_TOLERANCE:  # NaN fails too
+        raise SystemExit(f"error: the zoo's fp32 loss {zoo_loss:.6f} and transformers' {hf_loss:.6f} (tolerance "
+                         f"{LOSS_TOLERANCE}), their logits differ by up to {logits_diff:.2e} (tolerance "
+                         f"{LOGITS_TOLERANCE}): the two models do not run the same workload")
+    return zoo_loss, hf_loss, logits_diff
 
 
 def probe(pool: list[Candidate], args, device: torch.device) -> list[dict]:
@@ -165,7 +185,7 @@ def probe(pool: list[Candidate], args, device: torch.device) -> list[dict]:
         done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if done.returncode == 0:
             row = json.loads(done.stdout.strip().splitlines()[-1])
-            shown = f"{row['seconds'] * 1e3:8.1f} ms  peak step memory {row['step_bytes'] / 2**20:6.0f} MiB"
+            shown = f"{row['seconds'] * 1e3:8.1f} ms  peak step memory {_mib(row['step_bytes']):>6} MiB"
         else:
             last = (done.stderr.strip().splitlines() or [""])[-1][:160]
             killed = done.returncode < 0 or done.returncode == 137
@@ -182,22 +202,41 @@ def fastest(results: list[dict], side: str) -> dict | None:
 
 
 def child(candidate_json: str, spec: RunSpec, device: torch.device, steps: int) -> None:
-    """One probe: build, warm up, time `steps` steps; print the best time and the step's peak memory."""
+    """One probe: build, warm up, time `steps` steps, then measure one more step's memory; print the
+    best time and that peak step memory (bytes, or null where it cannot be measured)."""
     if device.type == "cpu":  # fail with an error rather than wake the kernel's OOM killer
         available = _available_memory_bytes()
         if available:
             resource.setrlimit(resource.RLIMIT_DATA, (int(0.85 * available), resource.RLIM_INFINITY))
     contender = Contender(Candidate(**json.loads(candidate_json)), spec, device)
+    for _ in range(COMPILED_WARMUP_STEPS if contender.candidate.compile else 1):
+        contender.step()  # warm-up: allocations, kernel choice, compilation, AdamW's state
+    seconds = min(timed(contender.step, device) for _ in range(steps))
+    print(json.dumps({"seconds": seconds, "step_bytes": step_memory_bytes(contender)}))
+
+
+def step_memory_bytes(contender: Contender) -> int | None:
+    """Peak memory of one train step beyond what persists between steps (see the module's doc);
+    None on a CPU without /proc/self/clear_refs. Runs the step after the timed ones: returning freed
+    memory to the OS first would make a timed step page it in again."""
+    device = contender.device
     if device.type == "cuda":
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    else:
-        before = current_rss_bytes()
-    for _ in range(COMPILED_WARMUP_STEPS if contender.candidate.compile else 1):
-        contender.step()  # warm-up: allocations, kernel choice, compilation
-    seconds = min(timed(contender.step, device) for _ in range(steps))
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max_rss_bytes()
-    print(json.dumps({"seconds": seconds, "step_bytes": peak - before}))
+        contender.step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    release_freed_memory()
+    before = current_rss_bytes()
+    if not reset_peak_rss():
+        return None
+    contender.step()
+    return peak_rss_bytes() - before
+
+
+def _mib(size: int | None) -> str:
+    return "n/a" if size is None else f"{size / 2**20:.0f}"
 
 
 def _available_memory_bytes() -> int | None:
@@ -237,12 +276,60 @@ def profile(contender: Contender, path: Path, rows: int = 30) -> str:
     return f"{header}\n{table}"
 
 
-def report_line(label: str, seconds: list[float], tokens: int, flops_per_token: float, peak: float) -> dict:
+def dtype_peaks(precisions, device: torch.device) -> dict[str, dict]:
+    """Each precision's matmul peaks, each measured or looked up once: "measured" (MFU's; None where
+    there is none: bf16 on a CPU without bf16 instructions) and "datasheet" (None off the table)."""
+    peaks = {}
+    for name in precisions:
+        measured = measured_peak_flops(DTYPES[name], device)
+        peaks[name] = {"measured": None if math.isnan(measured) else measured,
+                       "datasheet": datasheet_peak_flops(DTYPES[name], device)}
+    return peaks
+
+
+def report_line(label: str, seconds: list[float], tokens: int, flops_per_token: float, peaks: dict) -> dict:
+    """One row of results; `peaks`: one precision's entry of `dtype_peaks`."""
     step = median(seconds)
     tps = tokens / step
     achieved = tps * flops_per_token * TRAIN_FLOPS_PER_FORWARD_FLOP
-    return {"label": label, "step_ms": step * 1e3, "spread": spread(seconds), "tokens_per_s": tps,
-            "achieved_flops": achieved, "peak_flops": peak, "mfu": achieved / peak}
+    row = {"label": label, "step_ms": step * 1e3, "spread": spread(seconds), "tokens_per_s": tps,
+           "achieved_flops": achieved, "peak_flops": peaks["measured"],
+           "mfu": achieved / peaks["measured"] if peaks["measured"] else None}
+    if peaks["datasheet"]:
+        row.update(datasheet_peak_flops=peaks["datasheet"], mfu_datasheet=achieved / peaks["datasheet"])
+    row["mfu_above_peak"] = any(row.get(key) is not None and row[key] > 1 for key in ("mfu", "mfu_datasheet"))
+    return row
+
+
+def _flops(rate: float) -> str:
+    return f"{rate / 1e12:,.0f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:,.0f} GFLOP/s"
+
+
+def results_table(rows: dict[str, dict], peaks: dict[str, dict], device: torch.device) -> list[str]:
+    """The printed results: a row per side, then what each MFU is against."""
+    lines = [f"{'':<52}{'step ms':>9}{'':>6}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>8}{'mem MiB':>9}"]
+    for row in rows.values():
+        lines.append(f"{row['label']:<52}{row['step_ms']:>9.1f}{row['spread']:>6}{row['tokens_per_s']:>10,.0f}"
+                     f"{row['achieved_flops'] / 1e9:>9.1f}{format_mfu(row['mfu']):>8}"
+                     f"{_mib(row.get('peak_step_memory_bytes')):>9}")
+    shown = []
+    for name, peak in peaks.items():
+        if peak["measured"]:
+            shown.append(f"{name} {_flops(peak['measured'])}")
+        elif device.type == "cpu" and name == "bf16":
+            shown.append("bf16 n/a (this CPU has no bf16 instructions: bf16 is emulated and has no meaningful peak)")
+        else:
+            shown.append(f"{name} n/a")
+    lines.append(f"MFU: against the matmul peak measured on this {device.type} for the row's dtype (square matmuls, "
+                 "best of several, training/mfu.py): " + ", ".join(shown))
+    datasheet = {name: peak["datasheet"] for name, peak in peaks.items() if peak["datasheet"]}
+    if datasheet:
+        lines.append("MFU against the datasheet's peak instead ("
+                     + ", ".join(f"{name} {_flops(value)}" for name, value in datasheet.items()) + "): "
+                     + ", ".join(f"{row['label']} {format_mfu(row.get('mfu_datasheet'))}" for row in rows.values()))
+    if any(row["mfu_above_peak"] for row in rows.values()):
+        lines.append(MFU_ABOVE_PEAK_NOTE)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,12 +381,14 @@ def main(argv: list[str] | None = None) -> int:
                     "forward_flops_per_token": flops_per_token, "device": str(device)}
     if args.hf:
         try:
-            zoo_loss, hf_loss = check_same_workload(spec, device)
+            zoo_loss, hf_loss, logits_diff = check_same_workload(spec, device)
         except SpecError as err:
             print(f"error: transformers cannot run this spec: {err}; use --no-hf for the zoo alone", file=sys.stderr)
             return 2
-        print(f"same workload: fp32 loss of one batch, zoo {zoo_loss:.6f}, transformers {hf_loss:.6f}")
+        print(f"same workload: fp32 loss of one batch, zoo {zoo_loss:.6f}, transformers {hf_loss:.6f}; "
+              f"logits differ by at most {logits_diff:.1e}")
         result["fp32_loss"] = {"zoo": zoo_loss, "transformers": hf_loss}
+        result["fp32_logits_max_abs_diff"] = logits_diff
 
     if bf16_note:
         print(f"bf16 left out: this {device.type} has no native bf16 matmul (training/mfu.py); "
@@ -321,28 +410,14 @@ def main(argv: list[str] | None = None) -> int:
           "timed steps each", file=sys.stderr)
     times = alternate({side: c.step for side, c in contenders.items()}, device, warmup=warmup, reps=args.reps,
                       progress=lambda r: print(f"  round {r}/{args.reps}", file=sys.stderr, flush=True))
+    peaks = dtype_peaks(sorted({c.precision for c in winners.values()}, key=PRECISIONS.index), device)
+    result["peak_flops"] = peaks
     rows = {}
     for side, candidate in winners.items():
-        peak = peak_flops(DTYPES[candidate.precision], device)
-        rows[side] = report_line(candidate.label, times[side], tokens, flops_per_token, peak)
+        rows[side] = report_line(candidate.label, times[side], tokens, flops_per_token, peaks[candidate.precision])
         rows[side]["peak_step_memory_bytes"] = best[side]["step_bytes"]
     result["results"] = rows
-
-    print(f"\n{'':<52}{'step ms':>9}{'':>6}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}{'mem MiB':>9}")
-    for row in rows.values():
-        memory = row.get("peak_step_memory_bytes")
-        print(f"{row['label']:<52}{row['step_ms']:>9.1f}{row['spread']:>6}{row['tokens_per_s']:>10,.0f}"
-              f"{row['achieved_flops'] / 1e9:>9.1f}{row['mfu']:>7.1%}" + (f"{memory / 2**20:>9.0f}" if memory else ""))
-    print(f"MFU against the measured {device.type} matmul peak of each row's dtype: "
-          + ", ".join(f"{p} {peak_flops(DTYPES[p], device) / 1e9:,.0f} GFLOP/s" for p in args.precisions))
-    if device.type == "cuda":  # the trainer's peak is the datasheet's; the issue also asks for a measured one
-        measured = {p: measured_cuda_peak(DTYPES[p], device) for p in {c.precision for c in winners.values()}}
-        result["measured_peak_flops"] = measured
-        for side, candidate in winners.items():
-            rows[side]["mfu_measured_peak"] = rows[side]["achieved_flops"] / measured[candidate.precision]
-        print("MFU against the measured peak (8192^3 matmuls: "
-              + ", ".join(f"{p} {v / 1e9:,.0f} GFLOP/s" for p, v in measured.items()) + "): "
-              + ", ".join(f"{rows[side]['label']} {rows[side]['mfu_measured_peak']:.1%}" for side in rows))
+    print("\n" + "\n".join(results_table(rows, peaks, device)))
     if "transformers" in rows:
         ratio = rows["transformers"]["step_ms"] / rows["zoo"]["step_ms"]
         result["speedup"] = ratio

@@ -2,12 +2,68 @@
 
 import argparse
 import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict
 
 import pytest
+import torch
 
 from benchmarks import moe_layer, train_step
+from training import mfu
 
 TOY = ["model.n_layers=1", "model.vocab_size=256", "data.seq_len=32", "train.micro_batch_size=2"]
+TOY_CHILD = ["--preset", "perf_w1", *[f"--set={s}" for s in TOY], "--device", "cpu", "--probe-steps", "1",
+             "--child", json.dumps(asdict(train_step.Candidate("zoo", "fp32")))]
+# Repeated probes of one candidate reported step memories up to 8 MiB apart (53-59 MiB, zoo fp32, W1 at one
+# layer and batch 1, 2-core EPYC; 34.0-34.1 MiB at TOY): page-granular RSS, threads' scratch. The defects this
+# guards against moved TOY's figure from 87 MiB to 703 (a parent holding 1 GiB) and to 15 (memory freed first).
+STEP_MEMORY_NOISE = 16 * 2**20
+RUN_CHILD = "import sys\nfrom benchmarks.train_step import main\nmain(sys.argv[1:])"
+# A parent holding 1 GiB (touched, so resident) launches the probe, as the benchmark's parent launches its own.
+FROM_A_BIG_PARENT = ("import subprocess, sys\nbuf = bytearray(2**30)\nbuf[::4096] = b'\\1' * (2**30 // 4096)\n"
+                     "done = subprocess.run([sys.executable, '-c', *sys.argv[1:]], capture_output=True, text=True)\n"
+                     "print(done.stdout, end='')\nsys.exit(done.returncode)")
+# 512 MiB allocated and freed before the model is built, kept resident for reuse as the benchmark keeps it.
+AFTER_FREEING = ("import torch\nfrom training.allocator import retain_freed_memory\nretain_freed_memory()\n"
+                 "x = torch.ones(2**27)\ndel x\n" + RUN_CHILD)
+
+
+def _probe_step_bytes(code: str, *args: str) -> int:
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=train_step.REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["step_bytes"]
+
+
+@pytest.fixture(scope="module")
+def plain_probe_step_bytes() -> int:
+    return _probe_step_bytes(RUN_CHILD, *TOY_CHILD)
+
+
+def _gradient_bytes() -> int:
+    from zoo import presets
+    from zoo.builders import build
+    from zoo.overrides import apply_sets
+
+    return sum(p.numel() * p.element_size() for p in build(apply_sets(presets.get("perf_w1"), TOY)).parameters())
+
+
+@pytest.mark.slow
+def test_probe_step_memory_is_not_the_parents_peak(plain_probe_step_bytes):
+    """getrusage's peak, which the probe used, starts at the parent's: from this parent it said 1.1 GiB more."""
+    from_big_parent = _probe_step_bytes(FROM_A_BIG_PARENT, RUN_CHILD, *TOY_CHILD)
+    assert abs(from_big_parent - plain_probe_step_bytes) < STEP_MEMORY_NOISE, (from_big_parent, plain_probe_step_bytes)
+
+
+@pytest.mark.slow
+def test_probe_step_memory_counts_memory_freed_before_the_steps(plain_probe_step_bytes):
+    """Memory freed before the steps (transformers' contender builds the zoo model and deletes it) stays
+    resident for reuse; the steps reused it and the resident set hardly grew."""
+    after_freeing = _probe_step_bytes(AFTER_FREEING, *TOY_CHILD)
+    assert abs(after_freeing - plain_probe_step_bytes) < STEP_MEMORY_NOISE, (after_freeing, plain_probe_step_bytes)
+    # Every parameter's fp32 gradient exists at the end of backward (set_to_none freed the last step's).
+    assert min(after_freeing, plain_probe_step_bytes) > _gradient_bytes()
 
 
 @pytest.mark.slow
@@ -19,10 +75,15 @@ def test_train_step_benchmark_compares_the_same_workload(tmp_path, capsys):
     result = json.loads(out.read_text())
     losses = result["fp32_loss"]
     assert abs(losses["zoo"] - losses["transformers"]) < train_step.LOSS_TOLERANCE
+    assert result["fp32_logits_max_abs_diff"] <= train_step.LOGITS_TOLERANCE
     assert len(result["probes"]) == 4 and all(p.get("seconds", 0) > 0 for p in result["probes"])
     for side in ("zoo", "transformers"):
         row = result["results"][side]
-        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_step_memory_bytes"] >= 0
+        assert row["tokens_per_s"] > 0 and row["peak_step_memory_bytes"] > 0
+        if "bf16" in row["label"] and not mfu.cpu_has_native_bf16():
+            assert row["mfu"] is None and row["peak_flops"] is None  # emulated bf16: no peak
+        else:
+            assert 0 < row["mfu"] < 1 and row["peak_flops"] > 0
         assert row["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / (row["step_ms"] / 1e3))
     assert result["speedup"] == pytest.approx(result["results"]["transformers"]["step_ms"]
                                               / result["results"]["zoo"]["step_ms"])
@@ -70,3 +131,97 @@ def test_moe_layer_skew_makes_expert_loads_unequal():
         return (counts.max() / counts.mean()).item()
 
     assert imbalance(0.0) < 1.5 < 3.0 < imbalance(0.4)
+
+
+def test_same_workload_check_compares_the_logits(monkeypatch):
+    """routed_scaling_factor 1% off in transformers' config moves the toy loss by 2.8e-4, under
+    LOSS_TOLERANCE, and the logits by 2e-2: only the logits catch it."""
+    from zoo import presets
+    from zoo.interop import hf
+    from zoo.overrides import apply_sets
+
+    spec = apply_sets(presets.get("perf_w1"), TOY)
+    train_step.check_same_workload(spec, torch.device("cpu"))  # the same weights and config pass
+    config_dict = hf.hf_config_dict
+
+    def one_percent_off(spec, **kwargs):
+        fields = config_dict(spec, **kwargs)
+        return {**fields, "routed_scaling_factor": fields["routed_scaling_factor"] * 1.01}
+
+    monkeypatch.setattr(hf, "hf_config_dict", one_percent_off)
+    with pytest.raises(SystemExit, match="logits differ by up to"):
+        train_step.check_same_workload(spec, torch.device("cpu"))
+
+
+def _fake_measurement(monkeypatch, rate: float) -> list:
+    """measure_matmul_peak patched to return `rate`; the list collects each call's dtype and device."""
+    calls = []
+
+    def measure(dtype, device=None, **_):
+        calls.append((dtype, "cpu" if device is None else device.type))
+        return rate
+
+    monkeypatch.setattr(mfu, "measure_matmul_peak", measure)
+    return calls
+
+
+def test_bf16_without_bf16_instructions_has_no_peak_nor_mfu(monkeypatch, tmp_path):
+    """Emulated bf16 measured ~1 GFLOP/s on a 256^3 matmul and 3-5 in the model: MFU came out 106.7%."""
+    monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: False)
+    calls = _fake_measurement(monkeypatch, 1e9)
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    assert math.isnan(mfu.peak_flops(torch.bfloat16, torch.device("cpu"), cache_dir=tmp_path)) and not calls
+    assert mfu.peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 1e9  # fp32 is still measured
+    peaks = train_step.dtype_peaks(["fp32", "bf16"], torch.device("cpu"))
+    assert peaks == {"fp32": {"measured": 1e9, "datasheet": None}, "bf16": {"measured": None, "datasheet": None}}
+    row = train_step.report_line("zoo bf16", [0.1, 0.1], 100, 1e6, peaks["bf16"])
+    assert row["mfu"] is None and row["peak_flops"] is None and not row["mfu_above_peak"]
+    row["peak_step_memory_bytes"] = 2**20
+    lines = train_step.results_table({"zoo": row}, {"bf16": peaks["bf16"]}, torch.device("cpu"))
+    assert lines[1].split()[-2:] == ["n/a", "1"] and "bf16 n/a (this CPU has no bf16 instructions" in lines[2]
+
+
+def test_mfu_above_100_percent_is_flagged_never_plain():
+    assert mfu.format_mfu(0.438) == "43.8%" and mfu.format_mfu(None) == mfu.format_mfu(math.nan) == "n/a"
+    assert mfu.format_mfu(1.067) == "106.7%!"
+    peaks = {"measured": 1e9, "datasheet": None}
+    row = train_step.report_line("zoo bf16", [0.1, 0.1], 100, 1e6, peaks)  # 3e9 FLOP/s achieved
+    assert row["mfu"] == pytest.approx(3.0) and row["mfu_above_peak"]
+    table = train_step.results_table({"zoo": row}, {"bf16": peaks}, torch.device("cpu"))
+    assert "300.0%!" in table[1] and table[-1] == mfu.MFU_ABOVE_PEAK_NOTE
+
+
+def test_cuda_mfu_is_against_the_measured_peak_and_the_datasheet_is_separate(monkeypatch):
+    """The benchmark's MFU used the datasheet peak on CUDA while the line said "measured"."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    calls = _fake_measurement(monkeypatch, 783e12)
+    cuda = torch.device("cuda")
+    peaks = train_step.dtype_peaks(["bf16"], cuda)
+    assert peaks == {"bf16": {"measured": 783e12, "datasheet": 989e12}} and calls == [(torch.bfloat16, "cuda")]
+    row = train_step.report_line("zoo bf16 compiled", [0.085] * 3, 32 * 1024, 224e6, peaks["bf16"])
+    achieved = 32 * 1024 / 0.085 * 224e6 * mfu.TRAIN_FLOPS_PER_FORWARD_FLOP
+    assert row["mfu"] == pytest.approx(achieved / 783e12) and row["peak_flops"] == 783e12
+    assert row["mfu_datasheet"] == pytest.approx(achieved / 989e12) and row["datasheet_peak_flops"] == 989e12
+    lines = train_step.results_table({"zoo": row}, peaks, cuda)
+    assert mfu.format_mfu(row["mfu"]) in lines[1] and mfu.format_mfu(row["mfu_datasheet"]) not in lines[1]
+    assert "measured on this cuda" in lines[2] and "bf16 783 TFLOP/s" in lines[2]
+    assert lines[3] == ("MFU against the datasheet's peak instead (bf16 989 TFLOP/s): zoo bf16 compiled "
+                        + mfu.format_mfu(row["mfu_datasheet"]))
+    assert len(calls) == 1  # measured once, reused by the row and the table
+
+
+def test_cpu_peak_cache_tells_apart_cpus_with_one_name(monkeypatch, tmp_path):
+    """A VM shows "AMD EPYC" for an AVX2 host and for one with avx512_bf16; their peaks shared a cache entry."""
+    monkeypatch.setattr(mfu, "_cpu_name", lambda: "AMD EPYC")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: False)
+    _fake_measurement(monkeypatch, 147e9)
+    assert mfu.peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 147e9
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: True)
+    _fake_measurement(monkeypatch, 229e9)
+    assert mfu.peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 229e9
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: False)
+    assert mfu.peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 147e9  # cached, not 229
+    assert len(json.loads((tmp_path / "matmul_peak.json").read_text())) == 2

@@ -1,11 +1,16 @@
 """Model FLOPs utilisation: achieved model FLOP/s over the device's peak.
 
 Model FLOPs per token come from `zoo describe` (forward) x 3 (forward + backward). The peak is the
-device's dense matmul rate for the training dtype: on CUDA a table of datasheet numbers for a GPU it
-names, else a measurement on that GPU; on CPU a measurement (square matmuls, best of several), cached
-on disk per CPU, thread count, dtype and torch version because it takes a few seconds. Measure on a
-quiet machine: a busy one lowers the peak and inflates MFU (delete $ZOO_CACHE/matmul_peak.json to
-measure again).
+device's dense matmul rate for the training dtype. `peak_flops` (the trainer's): on CUDA a table of
+datasheet numbers for a GPU it names, else a measurement on that GPU; on CPU a measurement. The
+measurement (`measured_peak_flops`, the benchmarks' peak everywhere) is of square matmuls, best of
+several; on CPU it is cached on disk per CPU (name, ISA level torch dispatches to, native bf16 or
+not), thread count, dtype and torch version because it takes a few seconds. Measure on a quiet
+machine: a busy one lowers the peak and inflates MFU (delete $ZOO_CACHE/matmul_peak.json to measure
+again); an MFU above 100% says the peak is wrong, and `format_mfu` marks it so.
+
+bf16 on a CPU without bf16 instructions has no peak (NaN): it is emulated, at ~1 GFLOP/s on a
+256^3 matmul and 3-5 on a model's matmuls, so no square-matmul rate bounds what a step achieves.
 
 fp32 on CUDA: with TF32 allowed (torch.set_float32_matmul_precision("high")) matmuls run on tensor
 cores at half the bf16 rate; without it, PyTorch's default and this project's, they run on the CUDA
@@ -15,6 +20,7 @@ cores at a rate the table does not hold, so it is measured.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -102,16 +108,34 @@ def datasheet_bf16_peak(gpu_name: str) -> float | None:
     return CUDA_PEAKS[max(matches, key=len)] if matches else None
 
 
-def peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> float:
-    if device.type == "cuda":
-        peak = datasheet_bf16_peak(torch.cuda.get_device_name(device))
-        if peak is not None and dtype != torch.float32:
-            return peak
-        if peak is not None and torch.backends.cuda.matmul.allow_tf32:
-            return peak / 2  # TF32 tensor cores run at half the bf16 rate
+def datasheet_peak_flops(dtype: torch.dtype, device: torch.device) -> float | None:
+    """The datasheet's dense peak for `dtype` on a CUDA GPU the table names (fp32: half the bf16
+    rate, and only with TF32 allowed); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    peak = datasheet_bf16_peak(torch.cuda.get_device_name(device))
+    if peak is None or dtype != torch.float32:
+        return peak
+    return peak / 2 if torch.backends.cuda.matmul.allow_tf32 else None  # TF32 tensor cores: half the bf16 rate
+
+
+def cpu_peak_cache_key(dtype: torch.dtype) -> str:
+    """What a CPU matmul peak depends on. The model name alone is not enough: a VM may show only
+    "AMD EPYC" for an AVX2 host and for one with avx512_bf16."""
+    capability = torch.backends.cpu.get_cpu_capability()  # the ISA level torch's kernels dispatch to
+    return (f"{_cpu_name()}|{capability}|native_bf16={cpu_has_native_bf16()}|threads={torch.get_num_threads()}"
+            f"|{dtype}|torch={torch.__version__}")
+
+
+def measured_peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> float:
+    """The measured matmul peak for `dtype` on `device` (cached on disk for a CPU); NaN for bf16 on a
+    CPU without bf16 instructions (see above)."""
+    if device.type != "cpu":
         return measure_matmul_peak(dtype, device)
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        return math.nan
     cache_dir = cache_dir or Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "zoo"))
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}"
+    key = cpu_peak_cache_key(dtype)
     cache_file = cache_dir / "matmul_peak.json"
     try:
         cached = json.loads(cache_file.read_text())
@@ -126,5 +150,28 @@ def peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None 
     return cached[key]
 
 
-def mfu(tokens_per_second: float, forward_flops_per_token: float, peak: float) -> float:
+def peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> float:
+    """The trainer's peak: the datasheet's where `datasheet_peak_flops` has one, else measured. NaN
+    where there is none (bf16 on a CPU without bf16 instructions): an MFU divided by it is NaN."""
+    peak = datasheet_peak_flops(dtype, device)
+    return peak if peak is not None else measured_peak_flops(dtype, device, cache_dir)
+
+
+def mfu(tokens_per_second: float, forward_flops_per_token: float, peak: float) -> float | None:
+    """None where there is no peak (None or NaN)."""
+    if peak is None or math.isnan(peak):
+        return None
     return tokens_per_second * forward_flops_per_token * TRAIN_FLOPS_PER_FORWARD_FLOP / peak
+
+
+def format_mfu(value: float | None) -> str:
+    """'43.8%'; 'n/a' without a peak (None or NaN); above 100%, the figure with '!' after it: the
+    step outran the peak, so the peak, not the model, is what that number measures."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.1%}" + ("!" if value > 1 else "")
+
+
+MFU_ABOVE_PEAK_NOTE = ("! MFU above 100%: the step ran faster than the peak it is divided by, so that peak is wrong "
+                       "(measured on a busy machine? delete $ZOO_CACHE/matmul_peak.json to measure again); "
+                       "not a utilisation")
