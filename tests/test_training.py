@@ -474,6 +474,12 @@ def test_explicit_bf16_warns_in_one_line_only_on_a_cpu_without_bf16(cache_dir, t
     assert len(warned) == (0 if cpu_has_native_bf16() else 1), proc.stderr
     assert all(line.startswith("training: warning: ") for line in warned)
     assert "resolve_precision(" not in proc.stderr  # no source line under it
+    # Emulated bf16 has no matmul peak worth the name (it measured ~1 GFLOP/s, and MFU came out > 100%).
+    mfu = scalars(tmp_path / "run", "perf/mfu")
+    if cpu_has_native_bf16():
+        assert len(mfu) == 1 and 0 < mfu[1] < 1
+    else:
+        assert mfu == {} and "mfu n/a" in proc.stdout + proc.stderr, proc.stdout
 
 
 def test_resume_refuses_what_it_cannot_continue_and_keeps_its_ds_config(cache_dir, tmp_path):

@@ -39,7 +39,7 @@ from training.engine import (
     resolve_ds_config,
     unreported_grad_norm,
 )
-from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops
+from training.mfu import MFU_ABOVE_PEAK_NOTE, format_mfu, mfu as model_flops_utilisation, peak_flops
 from training.observe import Observer
 from training.precision import DTYPES, resolve_precision
 from zoo.blocks.routers import SigmoidGroupTopKRouter
@@ -326,6 +326,7 @@ def train(args: argparse.Namespace) -> int:
     biased = {i: m.router for i, m in engine.module.moe_layers().items()
               if isinstance(m.router, SigmoidGroupTopKRouter)}
     val: dict[str, float] = {}
+    above_peak_said = False
     step = start_step
     wall_start = time.perf_counter()
     try:
@@ -368,9 +369,10 @@ def train(args: argparse.Namespace) -> int:
             done = step + 1
             if done % spec.train.log_every == 0 or done == spec.train.steps or done == start_step + 1:
                 tps = tokens / seconds
-                mfu = tps * flops_per_token * TRAIN_FLOPS_PER_FORWARD_FLOP / machine_peak
+                mfu = model_flops_utilisation(tps, flops_per_token, machine_peak)  # None without a peak
                 observer.scalars(done, {"train/loss": loss, "train/ce_loss": ce, "train/aux_loss": aux,
-                                        "perf/tokens_per_s": tps, "perf/mfu": mfu, "train/tokens": tokens_seen,
+                                        "perf/tokens_per_s": tps, "train/tokens": tokens_seen,
+                                        **({"perf/mfu": mfu} if mfu is not None else {}),
                                         **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                                         **({"train/skipped_steps": engine.skipped_steps}
                                            if spec.train.precision == "fp16" else {}),
@@ -378,7 +380,10 @@ def train(args: argparse.Namespace) -> int:
                 observer.routers(done, stats, loads, {i: r.e_score_correction_bias for i, r in biased.items()})
                 if env.world_size > 1 and biased:
                     observer.scalars(done, {"moe/routing_bias_rank_spread": _rank_spread(biased)})
-                observer.progress(done, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}", "mfu": f"{mfu:.1%}"})
+                observer.progress(done, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}", "mfu": format_mfu(mfu)})
+                if mfu is not None and mfu > 1 and not above_peak_said:
+                    observer.message(MFU_ABOVE_PEAK_NOTE)
+                    above_peak_said = True
             if done % spec.train.eval_every == 0 or done == spec.train.steps:
                 val, hellaswag = evaluate(engine, val_batches, env.device), ""
                 if spec.eval.hellaswag_limit:
