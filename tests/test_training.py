@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import zoo
 from training import checkpoints, trainer
 from training.engine import (
-    RankError, TrainingError, initialize, lr_factor, optimizer_groups, resolve_ds_config, unreported_grad_norm,
+    TrainingError, initialize, lr_factor, optimizer_groups, resolve_ds_config, unreported_grad_norm,
 )
 from training.mfu import cpu_has_native_bf16
 from zoo import presets
@@ -287,23 +286,42 @@ def test_corrupted_checkpoint_is_one_line_and_deleting_it_falls_back(cache_dir, 
     assert "done: 4 steps (3 this run)" in proc.stdout, proc.stdout
 
 
-def test_a_checkpoint_counts_only_once_every_rank_wrote_it(one_rank, tmp_path, monkeypatch):
-    """`latest` moves, and the folder is marked complete, after the barrier that follows every rank's
-    files; a save that dies half-way leaves the previous checkpoint in charge."""
-    class Engine:
-        crash = False
+class _FakeEngine:
+    """What checkpoints.save asks of a DeepSpeed engine; `crash` kills the save after its files."""
 
-        def save_checkpoint(self, directory, tag, client_state, save_latest=True):
-            assert not save_latest  # DeepSpeed's rank 0 would write `latest` before the other ranks' files
-            (Path(directory) / tag).mkdir(parents=True)
-            (Path(directory) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
-            if self.crash:
-                raise KeyboardInterrupt  # killed before the barrier
+    def __init__(self, events: list):
+        self.events, self.crash = events, False
 
+    def save_checkpoint(self, directory, tag, client_state, save_latest=True):
+        assert not save_latest  # DeepSpeed's rank 0 would write `latest` before the other ranks' files
+        (Path(directory) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half" if self.crash else b"weights")
+        self.events.append(f"save {tag}")
+        if self.crash:
+            raise KeyboardInterrupt  # killed before the barrier
+
+
+@pytest.fixture
+def fake_saves(one_rank, monkeypatch):
+    """(engine, events): checkpoints.save on one gloo rank, with barriers and rank 0's writes logged."""
     for key, value in one_rank.items():
         monkeypatch.setenv(key, value)
-    run, engine = tmp_path / "run", Engine()
-    checkpoints.save(engine, run, 1, {}, keep_last=3)
+    events = []
+    barrier, write = dist.barrier, checkpoints._write_atomic
+    monkeypatch.setattr(checkpoints.dist, "barrier", lambda: (events.append("barrier"), barrier())[1])
+    monkeypatch.setattr(checkpoints, "_write_atomic",
+                        lambda path, text: (events.append(f"write {path.name}"), write(path, text))[1])
+    return _FakeEngine(events), events
+
+
+def test_a_checkpoint_counts_only_once_every_rank_wrote_it(fake_saves, tmp_path):
+    """`complete` and `latest` are written after the barrier that follows every rank's files and the
+    run folder; a save that dies half-way leaves the previous checkpoint in charge."""
+    engine, events = fake_saves
+    run = tmp_path / "run"
+    checkpoints.save(engine, run, 1, {}, keep_last=3, before_commit=lambda: events.append("run folder"))
+    assert events == ["barrier", "save step_0000001", "run folder", "barrier", "write complete", "write latest",
+                      "barrier"]
     assert checkpoints.latest_tag(run) == "step_0000001"
     engine.crash = True
     with pytest.raises(KeyboardInterrupt):
@@ -313,10 +331,51 @@ def test_a_checkpoint_counts_only_once_every_rank_wrote_it(one_rank, tmp_path, m
     (run / "checkpoints" / "latest").unlink()  # lost: the newest complete folder, not the half-written one
     assert checkpoints.latest_tag(run) == "step_0000001"
     shutil.rmtree(run / "checkpoints" / "step_0000001")
-    assert checkpoints.latest_tag(run) is None and checkpoints.has_checkpoints(run)
-    # A fresh run into that folder would mix its checkpoints with the half-written one: refused.
-    with pytest.raises(TrainingError, match="already holds checkpoints"):
-        trainer.resolve_run(trainer.parse_args(["--tiny", "--out", str(run)]))
+    assert checkpoints.latest_tag(run) is None and checkpoints.incomplete_tags(run) == ["step_0000002"]
+    # Neither a fresh run nor a resume can use the half-written folder: --resume says so, a fresh run
+    # is allowed (the trainer removes the folder first, so its saves cannot mix with it).
+    (run / "spec.json").write_text(presets.get("deepseek_glm4", tiny=True).model_dump_json())
+    with pytest.raises(TrainingError, match=r"\(step_0000002 never finished saving\); start it without --resume"):
+        trainer.resolve_run(trainer.parse_args(["--out", str(run), "--resume"]))
+    trainer.resolve_run(trainer.parse_args(["--tiny", "--out", str(run)]))
+    assert checkpoints.remove_incomplete(run) == ["step_0000002"] and not checkpoints.incomplete_tags(run)
+
+
+def test_resaving_a_tag_unmarks_it_until_the_save_completes(fake_saves, tmp_path):
+    """Resumed from step 1 with a complete step 2 ahead of it (rolled back by hand), a crash while
+    saving step 2 again must not leave the half-rewritten folder marked complete."""
+    engine, _ = fake_saves
+    run = tmp_path / "run"
+    for step in (1, 2):
+        checkpoints.save(engine, run, step, {}, keep_last=3)
+    (run / "checkpoints" / "latest").write_text("step_0000001")
+    engine.crash = True
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(engine, run, 2, {}, keep_last=3)
+    (run / "checkpoints" / "latest").unlink()
+    assert checkpoints.latest_tag(run) == "step_0000001"
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_unfinished_ones(fake_saves, tmp_path):
+    engine, _ = fake_saves
+    run = tmp_path / "run"
+    for step in (1, 2):
+        checkpoints.save(engine, run, step, {}, keep_last=2)
+    engine.crash = True
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(engine, run, 4, {}, keep_last=2)  # dies: step 4 is left unfinished
+    engine.crash = False
+    for step in (3, 5):  # resumed from step 2
+        checkpoints.save(engine, run, step, {}, keep_last=2)
+    # Counting folders by name would have kept the unfinished step 4 and dropped the complete step 3.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_0000003", "step_0000005"]
+    assert checkpoints.latest_tag(run) == "step_0000005"
+
+
+def test_a_load_failure_is_agreed_across_ranks_and_said_once():
+    assert checkpoints.agreed_failure([None, None]) == ""
+    assert checkpoints.agreed_failure(["EOFError: x", "EOFError: x"]) == "EOFError: x"  # a file every rank reads
+    assert checkpoints.agreed_failure([None, "FileNotFoundError: shard"]) == "rank 1: FileNotFoundError: shard"
 
 
 def test_resume_with_more_steps_says_how_the_lr_moves(tmp_path, capsys):
@@ -331,13 +390,6 @@ def test_resume_with_more_steps_says_how_the_lr_moves(tmp_path, capsys):
     before, after = lr_factor(99, spec), lr_factor(100, extended)
     assert after > 5 * before  # the cosine restarts high: worth a line
     assert f"factor goes from {before:.3f} (step 100) to {after:.3f} (step 101)" in capsys.readouterr().out
-
-
-def test_a_rank_prints_its_own_checkpoint_failure(monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "1")
-    trainer._print_error(TrainingError("the same on every rank"))  # rank 0 says it
-    trainer._print_error(RankError("shard missing"))
-    assert capsys.readouterr().err == "training: error on rank 1: shard missing\n"
 
 
 def test_fp16_giving_up_on_the_loss_scale_is_a_one_line_stop():

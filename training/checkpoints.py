@@ -11,18 +11,20 @@ DeepSpeed's own `latest` is written by rank 0 as soon as its own files are, befo
 (and before the expert shards), so the trainer writes it itself, after a barrier. A crash mid-save
 therefore loses at most the checkpoint being written: `latest` still names the previous one, and
 if `latest` is lost or names a deleted folder, the newest folder marked `complete` is used.
-Pruning never removes the checkpoint `latest` names.
+Pruning keeps the newest `keep_last` complete checkpoints (the one just written among them) and
+removes incomplete folders.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
-from training.engine import RankError, TrainingError
+from training.engine import TrainingError
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"  # marker file inside a tag folder
@@ -45,9 +47,17 @@ def latest_tag(run_dir: Path) -> str | None:
     return complete[-1] if complete else None
 
 
-def has_checkpoints(run_dir: Path) -> bool:
-    """Whether `run_dir` holds any checkpoint folder, complete or not."""
-    return bool(_tag_dirs(run_dir / CHECKPOINTS))
+def incomplete_tags(run_dir: Path) -> list[str]:
+    """Checkpoint folders no save finished (a crash mid-save): never resumed from, pruned at the next save."""
+    return [p.name for p in _tag_dirs(run_dir / CHECKPOINTS) if not (p / COMPLETE).is_file()]
+
+
+def remove_incomplete(run_dir: Path) -> list[str]:
+    """Delete the incomplete checkpoint folders (a fresh run's saves would otherwise mix with them)."""
+    tags = incomplete_tags(run_dir)
+    for tag in tags:
+        shutil.rmtree(run_dir / CHECKPOINTS / tag, ignore_errors=True)
+    return tags
 
 
 def _tag_dirs(directory: Path) -> list[Path]:
@@ -57,9 +67,18 @@ def _tag_dirs(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, expert_parallel: bool = False) -> Path:
+def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, expert_parallel: bool = False,
+         before_commit: Callable[[], None] | None = None) -> Path:
+    """Every rank writes its part of checkpoint `step`, then `before_commit` runs on every rank (the run
+    folder's weights: they must not lag behind `latest`), and only then, after a barrier, rank 0 marks
+    the folder complete, points `latest` at it and prunes."""
     tag = tag_for(step)
     directory = str(run_dir / CHECKPOINTS)
+    if dist.get_rank() == 0:
+        # A folder of this tag from an earlier attempt (a run resumed from before it) loses its mark
+        # until this save completes: a crash now must not leave a half-rewritten folder marked complete.
+        (run_dir / CHECKPOINTS / tag / COMPLETE).unlink(missing_ok=True)
+    dist.barrier()
     if expert_parallel:
         from training.expert_parallel import expert_checkpoint_context, save_expert_shards
 
@@ -69,6 +88,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
         save_expert_shards(engine, directory, tag)
     else:
         engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
+    if before_commit is not None:
+        before_commit()
     dist.barrier()  # every rank's files, expert shards included, are on disk
     if dist.get_rank() == 0:
         _write_atomic(run_dir / CHECKPOINTS / tag / COMPLETE, f"{tag}\n")
@@ -83,6 +104,7 @@ def load(engine, run_dir: Path, expert_parallel: bool = False) -> dict:
     if tag is None:
         raise TrainingError(f"--resume: {run_dir / CHECKPOINTS} holds no checkpoint to resume from")
     directory = str(run_dir / CHECKPOINTS)
+    failure = None
     try:
         if expert_parallel:
             from training.expert_parallel import expert_checkpoint_context, load_expert_shards
@@ -93,14 +115,31 @@ def load(engine, run_dir: Path, expert_parallel: bool = False) -> dict:
         else:
             path, client_state = engine.load_checkpoint(directory, tag=tag)
     except Exception as err:  # torch.load and DeepSpeed raise many kinds for a damaged file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RankError(
-            f"checkpoint {run_dir / CHECKPOINTS / tag} is unreadable ({type(err).__name__}: {first}); "
+        failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    # Ranks read different files (their ZeRO shard, their experts): agree, so that a failure on one
+    # rank is reported by rank 0, once, rather than leaving the others waiting.
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    reasons = agreed_failure(failures)
+    if reasons:
+        raise TrainingError(
+            f"checkpoint {run_dir / CHECKPOINTS / tag} is unreadable ({reasons}); "
             "delete that folder to fall back to an older one, or start afresh with another --out"
-        ) from None
+        )
     if path is None or not client_state or "step" not in client_state:
         raise TrainingError(f"checkpoint {run_dir / CHECKPOINTS / tag} is incomplete (no training state in it)")
     return client_state
+
+
+def agreed_failure(failures: list[str | None]) -> str:
+    """One text for the ranks' load failures (None where a rank succeeded): the reason once if every
+    rank failed alike, else each failing rank's; '' if none failed."""
+    failed = {rank: reason for rank, reason in enumerate(failures) if reason}
+    if not failed:
+        return ""
+    if len(failed) == len(failures) and len(set(failed.values())) == 1:
+        return failed[0]
+    return "; ".join(f"rank {rank}: {reason}" for rank, reason in failed.items())
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -114,6 +153,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _prune(directory: Path, keep_last: int, keep: str) -> None:
-    for old in _tag_dirs(directory)[:-keep_last]:
-        if old.name != keep:
+    """Keep the newest `keep_last` complete checkpoints and `keep`; incomplete folders (crashed saves,
+    or ones a resume from an older checkpoint left ahead of it) never count and are removed."""
+    tags = _tag_dirs(directory)
+    complete = [p for p in tags if (p / COMPLETE).is_file()]
+    kept = {p.name for p in complete[-keep_last:]} | {keep}
+    for old in tags:
+        if old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)

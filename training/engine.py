@@ -51,10 +51,6 @@ class TrainingError(Exception):
     """A user error found before or during training: printed as one line, exit status 2."""
 
 
-class RankError(TrainingError):
-    """A failure of one rank's own state (its checkpoint shard): printed by that rank, not only rank 0."""
-
-
 @dataclass
 class Dist:
     rank: int

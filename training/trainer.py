@@ -29,7 +29,6 @@ from training import checkpoints
 from training.allocator import retain_freed_memory
 from training.data import DataError, PreparedData, Tokenizer, prepare_data
 from training.engine import (
-    RankError,
     TrainingError,
     ds_config_source,
     init_distributed,
@@ -79,9 +78,8 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
     preset = args.preset or DEFAULT_PRESET
     out = Path(args.out or f"runs/{preset}")
     if not args.resume:
-        if checkpoints.has_checkpoints(out):
-            # Even incomplete ones: a fresh run would mix its checkpoints with theirs.
-            raise TrainingError(f"{out} already holds checkpoints: pass --resume to continue it, or --out NEW_DIR")
+        if checkpoints.latest_tag(out):
+            raise TrainingError(f"{out} already holds a checkpoint: pass --resume to continue it, or --out NEW_DIR")
         spec = resolve(preset, args.set, args.tiny)
         _check_stop_after(args.stop_after, 0, spec)
         return spec, out, 0
@@ -93,7 +91,10 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
                             "(only --set of budget and eval fields may change)")
     saved = out / "spec.json"
     if not saved.is_file() or not checkpoints.latest_tag(out):
-        raise TrainingError(f"--resume: {out} holds no checkpoint to resume from (start it without --resume)")
+        unfinished = checkpoints.incomplete_tags(out)
+        why = f" ({', '.join(unfinished)} never finished saving)" if unfinished else ""
+        raise TrainingError(f"--resume: {out} holds no complete checkpoint to resume from{why}; start it without "
+                            "--resume")
     try:
         spec = RunSpec.model_validate_json(saved.read_text())
     except ValueError as err:
@@ -256,6 +257,11 @@ def train(args: argparse.Namespace) -> int:
                   f"(pass --set train.steps=N with N > {resumed_at} to train further)", flush=True)
         return 0
     env = init_distributed()
+    if not args.resume and env.rank == 0:
+        # Folders of a save that never finished (the run was killed during its first checkpoint).
+        removed = checkpoints.remove_incomplete(out)
+        if removed:
+            print(f"{out}: removed unfinished checkpoint folders {', '.join(removed)}", flush=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         spec = resolve_precision(spec, env.device)  # auto -> bf16 or fp32 for this device; spec.json records it
@@ -484,15 +490,19 @@ def _restore_rng(state: dict) -> None:
 
 def _save(engine, out, step, tokens_seen, train_batches, spec, tokenizer, rank0) -> None:
     state = {"step": step, "tokens": tokens_seen, "data": train_batches.state_dict(), **_rng_state()}
-    checkpoints.save(engine, out, step, state, spec.train.keep_last, expert_parallel=spec.deepspeed.ep_size > 1)
-    full = None
-    if spec.deepspeed.ep_size > 1:
-        from training.expert_parallel import full_state_dict
 
-        full = full_state_dict(engine.module)  # a collective: every rank takes part
-    if rank0:
-        save_run_folder(engine.module, spec, out, state_dict=full)
-        tokenizer.save(out)
+    def run_folder() -> None:  # before `latest` moves: the run folder's weights are never older than it
+        full = None
+        if spec.deepspeed.ep_size > 1:
+            from training.expert_parallel import full_state_dict
+
+            full = full_state_dict(engine.module)  # a collective: every rank takes part
+        if rank0:
+            save_run_folder(engine.module, spec, out, state_dict=full)
+            tokenizer.save(out)
+
+    checkpoints.save(engine, out, step, state, spec.train.keep_last, expert_parallel=spec.deepspeed.ep_size > 1,
+                     before_commit=run_folder)
 
 
 def _hparams(spec: RunSpec) -> dict:
@@ -508,12 +518,9 @@ def _json(value) -> str:
 
 
 def _print_error(err: Exception) -> None:
-    # Errors of the spec, data or settings are the same on every rank: rank 0 alone says them once.
-    rank = os.environ.get("RANK", "0")
-    if rank == "0":
+    # Every rank raises the same error (the checkpoint loader agrees on one across ranks): rank 0 says it.
+    if os.environ.get("RANK", "0") == "0":
         print(f"training: error: {err}", file=sys.stderr)
-    elif isinstance(err, RankError):
-        print(f"training: error on rank {rank}: {err}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

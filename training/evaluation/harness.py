@@ -212,8 +212,11 @@ def eval_run(
 
 
 def run_step(run_dir: str | Path) -> int:
-    """The optimizer step of a run folder's weights: training's RUN_DIR/checkpoints/latest names the
-    newest checkpoint (step_NNNNNNN), whose weights model.safetensors holds; 0 when there is none."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    match = re.fullmatch(r"step_(\d+)", pointer.read_text().strip()) if pointer.is_file() else None
+    """The optimizer step of a run folder's weights: that of training's newest complete checkpoint
+    (training.checkpoints.latest_tag, step_NNNNNNN), whose weights model.safetensors holds; 0 when
+    there is none."""
+    from training.checkpoints import latest_tag
+
+    tag = latest_tag(Path(run_dir))
+    match = re.fullmatch(r"step_(\d+)", tag) if tag else None
     return int(match[1]) if match else 0
