@@ -481,7 +481,7 @@ class GpuPoller:
 
 
 def _datasets_stub_dir() -> str | None:
-    """training/data.py imports `datasets` at the top but needs it only for hub/json/parquet sources;
+    """training/corpus.py imports `datasets` at the top but needs it only for hub/json/parquet sources;
     when it cannot be imported here, give the trainer a stub so the built-in corpus still works."""
     probe = subprocess.run([sys.executable, "-c", "import datasets"], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": _pythonpath()})

@@ -8,7 +8,8 @@ learning-rate schedule.
   head, routers, norms and biases. The config-file "Muon" type chooses by parameter name only and
   would put routers on Muon, hence the client optimizer with our own choice.
 - Gradient clipping (`train.grad_clip`) acts on the raw gradients, before Newton-Schulz, and the
-  norm DeepSpeed reports (`engine.get_global_grad_norm()`, logged as train/grad_norm) is theirs.
+  norm DeepSpeed reports (`engine.get_global_grad_norm()`, logged as train/grad_norm) is theirs
+  (ZeRO-0 in fp32 reports none: the trainer takes it with `unreported_grad_norm`).
   DeepSpeed's ZeRO 1/2/3 optimizers orthogonalise the Muon matrices first and take the norm after
   (stage_1_and_2.py: `get_flat_partition` runs `muon_update` in the step's last backward, `step`
   then calls `scaled_global_norm`; stage3.py: `step` calls `_apply_muon_to_accumulated_grads`
