@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -654,3 +655,15 @@ def test_checkpoints_carry_the_cuda_generators_when_there_are_some(monkeypatch):
     _restore_rng({**state, "cuda_rng": ["gpu0"]})  # saved on another number of devices: left alone
     _restore_rng({**state, "cuda_rng": None})  # saved on a CPU
     assert restored == [["gpu0", "gpu1"]]
+
+
+@pytest.mark.parametrize("changes,world_size,words", [
+    ({"deepspeed.zero_stage": 3}, 1, "zero_stage=3 serves dense presets only"),
+    ({"deepspeed.ep_size": 2}, 3, "ep_size=2 must divide the number of ranks (3)"),
+    ({"deepspeed.ep_size": 3}, 3, "must divide every MoE layer's n_experts"),
+])
+def test_layouts_deepspeed_cannot_train_are_refused_before_it_starts(changes, world_size, words):
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), changes)
+    with pytest.raises(TrainingError, match=re.escape(words)):
+        trainer._check_layout(spec, world_size)
+    trainer._check_layout(with_changes(presets.get("dense", tiny=True), {"deepspeed.zero_stage": 3}), 1)
