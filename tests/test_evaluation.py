@@ -211,16 +211,30 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(run, lm):
     assert text == tokenizer.decode(new).split("e")[0]
 
 
-def test_generate_until_samples_only_ids_the_tokenizer_can_decode(run, tmp_path):
+def test_generate_until_samples_only_ids_the_tokenizer_can_decode(run, tmp_path, monkeypatch):
     """A model vocab larger than the tokenizer's (allowed, as for an imported model): sampling from a
-    near-uniform untrained model drew ids past the tokenizer's 512 and SentencePiece raised."""
+    near-uniform untrained model drew ids past the tokenizer's 512 and SentencePiece raised. Every id
+    sampled is recorded and must be below 512; the text is their decoding."""
+    import training.evaluation.lm as lm_module
+
     _, _, spec, tokenizer = run
     big = with_changes(spec, {"model.vocab_size": 4 * VOCAB})
     save_run_folder(zoo.build(big), big, tmp_path)
     tokenizer.save(tmp_path)
+    sampled, iter_generate = [], lm_module.iter_generate
+
+    def recording(*args, **kwargs):
+        for token in iter_generate(*args, **kwargs):
+            sampled.append(token)
+            yield token
+
+    monkeypatch.setattr(lm_module, "iter_generate", recording)
     request = _generate_request("To be", until=["\n\n"], max_gen_toks=32, do_sample=True, temperature=1.0, seed=0)
     (text,) = ZooLM(str(tmp_path)).generate_until([request], disable_tqdm=True)
-    assert isinstance(text, str)
+    # 3/4 of a near-uniform 2048-id model's mass lies past 512: 8 draws all below it by chance have odds 4^-8.
+    assert len(sampled) >= 8, sampled
+    assert max(sampled) < tokenizer.vocab_size == VOCAB
+    assert text == tokenizer.decode(sampled).split("\n\n")[0]
 
 
 def test_multiple_choice_scores_follow_lm_eval():
