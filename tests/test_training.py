@@ -602,3 +602,90 @@ def test_checkpoints_carry_the_cuda_generators_when_there_are_some(monkeypatch):
     _restore_rng({**state, "cuda_rng": ["gpu0"]})  # saved on another number of devices: left alone
     _restore_rng({**state, "cuda_rng": None})  # saved on a CPU
     assert restored == [["gpu0", "gpu1"]]
+
+
+class _Engine:
+    """What trainer.evaluate uses of a DeepSpeed engine: `module`, and calling it runs the module's forward."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _partly_predictable_batch(model, rows: int, length: int, generator) -> torch.Tensor:
+    """Random tokens, but every other position holds the model's own argmax for it given the tokens before
+    (causal: setting token t + 1 leaves the prediction at t as it was). An untrained model's accuracy on
+    random tokens is ~1/V, where a misaligned accuracy would go unseen."""
+    vocab = model.lm_head.weight.shape[0]
+    batch = torch.randint(0, vocab, (rows, length), generator=generator)
+    with torch.no_grad():
+        for t in range(1, length, 2):
+            batch[:, t] = model(batch[:, :t]).logits[:, -1].argmax(-1)
+    return batch
+
+
+def test_evaluate_is_token_weighted_cross_entropy_and_next_token_accuracy():
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"train.precision": "fp32"})
+    model = zoo.build(spec)
+    g = torch.Generator().manual_seed(3)
+    # Two batches of different sizes (3 x 24 and 1 x 16 tokens): a mean of per-batch means would weigh
+    # the second batch's 15 targets like the first one's 69.
+    batches = [_partly_predictable_batch(model, 3, 24, g), _partly_predictable_batch(model, 1, 16, g)]
+    got = trainer.evaluate(_Engine(model), batches, torch.device("cpu"))
+    assert model.training, "evaluate hands the model back in training mode"
+
+    model.eval()
+    nll, correct, wrong_alignment, count = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch).logits  # (B, T, V): position t predicts token t + 1
+            targets = batch[:, 1:]
+            nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum")
+            correct += (logits[:, :-1].argmax(-1) == targets).sum().item()
+            wrong_alignment += (logits[:, 1:].argmax(-1) == targets).sum().item()
+            count += targets.numel()
+    loss = nll.item() / count
+    # fp32 throughout; the model's mean and this sum differ in summation order only (~1e-7 relative).
+    assert got["val/loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["val/ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert got["val/acc"] == correct / count
+    # At least the 3 * 12 + 1 * 8 planted predictions are right; logits[:, 1:] (an untrained model with tied
+    # embeddings mostly predicts the token it reads) scores otherwise, so a misaligned evaluate fails above.
+    assert correct >= 44 and wrong_alignment != correct
+
+
+def test_observer_logs_expert_loads_max_vio_entropy_and_bias_norm(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.observe import Observer
+    from zoo.blocks.moe import RouterStats
+
+    def stats(entropy):
+        return RouterStats(load_E=torch.zeros(1), max_vio=torch.tensor(-1.0), entropy=torch.tensor(entropy),
+                           aux_loss=torch.tensor(0.0))
+
+    # Layer 1: a sigmoid router with a bias; layer 3: a softmax router, none. Loads summed over a step.
+    loads = {1: torch.tensor([6.0, 2.0, 0.0, 4.0]), 3: torch.tensor([5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 9.0])}
+    observer = Observer(tmp_path, total_steps=10, start_step=0, enabled=True)
+    observer.routers(7, {1: stats(1.25), 3: stats(2.0)}, loads, {1: torch.tensor([0.003, -0.004, 0.0, 0.0])})
+    observer.close()
+
+    # MaxVio (Wang et al. 2024, arXiv:2408.15664, the loss-free balancing paper): max load / mean load - 1.
+    expected = {
+        "moe/layer_1/max_vio": 6 / 3 - 1, "moe/layer_3/max_vio": 9 / 5.5 - 1,
+        "moe/layer_1/router_entropy": 1.25, "moe/layer_3/router_entropy": 2.0,
+        "moe/layer_1/routing_bias_norm": 0.005,
+        **{f"moe_load/layer_1/expert_{e}": share for e, share in enumerate([0.5, 1 / 6, 0.0, 1 / 3])},
+        **{f"moe_load/layer_3/expert_{e}": 5 / 44 for e in range(7)}, "moe_load/layer_3/expert_7": 9 / 44,
+    }
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(expected), "no other scalars; no bias norm for the softmax router"
+    for tag, value in expected.items():
+        (event,) = events.Scalars(tag)
+        assert event.step == 7 and event.value == pytest.approx(value, rel=1e-6, abs=1e-7), tag  # float32
+    histogram = events.Histograms("moe/layer_1/expert_share")[0].histogram_value
+    assert (histogram.num, histogram.min, histogram.max) == (4, 0.0, 0.5)
+    assert histogram.sum == pytest.approx(1.0) and histogram.sum_squares == pytest.approx(0.25 + 1 / 36 + 1 / 9)
