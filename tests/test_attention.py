@@ -188,7 +188,8 @@ def test_yarn_softmax_scale_correction_applies(kind, monkeypatch):
     rope = RotaryEmbedding(dim=8, scaling="yarn", factor=factor, original_max_seq_len=16, mscale=1.0,
                            mscale_all_dim=mscale_all_dim)
     if kind == "mha":
-        block, module, head_dim = MultiHeadAttention(d_model=D, n_heads=4, n_kv_heads=2, head_dim=16, rope=rope), mha, 16
+        block = MultiHeadAttention(d_model=D, n_heads=4, n_kv_heads=2, head_dim=16, rope=rope)
+        module, head_dim = mha, 16
     else:
         block = MultiHeadLatentAttention(d_model=D, n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
                                          qk_rope_head_dim=8, v_head_dim=12, rope=rope)

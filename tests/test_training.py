@@ -755,7 +755,7 @@ def test_routing_biases_move_on_the_loads_of_the_whole_accumulation_window(one_r
         routers = {i: m.router for i, m in self.moe_layers().items()}
         before = {i: r.e_score_correction_bias.clone() for i, r in routers.items()}
         update(self, loads)
-        updates.append(({i: l.clone() for i, l in loads.items()}, before,
+        updates.append(({i: load.clone() for i, load in loads.items()}, before,
                         {i: r.e_score_correction_bias.clone() for i, r in routers.items()}, routers))
 
     monkeypatch.setattr(DecoderLM, "forward", recording_forward)
