@@ -175,14 +175,42 @@ def test_interleaved_layout_equals_half_layout_on_permuted_weights():
     assert (inter(x) - MultiHeadLatentAttention(**kw, rope=_rope(8)).eval()(x)).abs().max() > 1e-3
 
 
-def test_yarn_softmax_scale_correction_applies():
-    spec_rope = RotaryEmbedding(dim=8, scaling="yarn", factor=4.0, original_max_seq_len=16, mscale=1.0,
-                                mscale_all_dim=1.0)
-    mla = MultiHeadLatentAttention(d_model=D, n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                                   v_head_dim=12, rope=spec_rope)
-    mscale = 0.1 * math.log(4.0) + 1
-    assert mla.softmax_scale == pytest.approx(16**-0.5 * mscale**2)
-    assert F is not None
+@pytest.mark.parametrize("kind", ["mha", "mla"])
+def test_yarn_softmax_scale_correction_applies(kind, monkeypatch):
+    """YaRN with mscale_all_dim scales the softmax by d**-0.5 * mscale(factor, mscale_all_dim)**2 (DeepSeek's
+    correction; d the query/key head dim), for MHA as for MLA: the block's output equals the same block
+    with its attention replaced by a reference softmax(q k^T * that scale + causal mask) v. Here
+    mscale = 0.1 * ln 4 + 1 = 1.139: a plain d**-0.5 scores 23% colder and moves the output by 0.1-0.3
+    here; in fp32 the two sides differ by summation order only (~1e-7)."""
+    from zoo.blocks import mha, mla
+
+    factor, mscale_all_dim = 4.0, 1.0
+    rope = RotaryEmbedding(dim=8, scaling="yarn", factor=factor, original_max_seq_len=16, mscale=1.0,
+                           mscale_all_dim=mscale_all_dim)
+    if kind == "mha":
+        block = MultiHeadAttention(d_model=D, n_heads=4, n_kv_heads=2, head_dim=16, rope=rope)
+        module, head_dim = mha, 16
+    else:
+        block = MultiHeadLatentAttention(d_model=D, n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
+                                         qk_rope_head_dim=8, v_head_dim=12, rope=rope)
+        module, head_dim = mla, 8 + 8  # scores use the nope and rope dims
+    mscale = 0.1 * mscale_all_dim * math.log(factor) + 1
+    x = 3 * torch.randn(2, 12, D)  # scores well away from 0, where a wrong scale shows
+    y = block(x)
+
+    def reference_with(scale):
+        def attention(q, k, v, **_):  # ignores the block's scale
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # GQA: G -> H heads
+            T = q.shape[2]
+            scores = (q @ k.transpose(-2, -1) * scale).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+            return scores.softmax(-1) @ v  # (B, H, T, Dv)
+        return attention
+
+    monkeypatch.setattr(module, "causal_attention", reference_with(head_dim**-0.5 * mscale**2))
+    torch.testing.assert_close(y, block(x), rtol=1e-5, atol=1e-6)
+    # The same reference with d**-0.5 alone lands far off: the comparison above can fail.
+    monkeypatch.setattr(module, "causal_attention", reference_with(head_dim**-0.5))
+    assert (y - block(x)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("query_block", [128, 3], ids=["one-block", "blocks-of-3"])

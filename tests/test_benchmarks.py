@@ -12,6 +12,9 @@ import torch
 
 from benchmarks import moe_layer, train_step
 from training import mfu
+from zoo import presets
+from zoo.describe import describe
+from zoo.overrides import apply_sets
 
 TOY = ["model.n_layers=1", "model.vocab_size=256", "data.seq_len=32", "train.micro_batch_size=2"]
 TOY_CHILD = ["--preset", "perf_w1", *[f"--set={s}" for s in TOY], "--device", "cpu", "--probe-steps", "1",
@@ -77,14 +80,26 @@ def test_train_step_benchmark_compares_the_same_workload(tmp_path, capsys):
     assert abs(losses["zoo"] - losses["transformers"]) < train_step.LOSS_TOLERANCE
     assert result["fp32_logits_max_abs_diff"] <= train_step.LOGITS_TOLERANCE
     assert len(result["probes"]) == 4 and all(p.get("seconds", 0) > 0 for p in result["probes"])
+    # Model FLOPs are describe's forward FLOPs per token of the benchmarked spec, x 3 for a train step; MFU
+    # divides them by the matmul peak measured for the row's dtype (cached per CPU, threads and dtype in
+    # $ZOO_CACHE: this process reads the value the benchmark used).
+    spec = apply_sets(presets.get("perf_w1"), TOY)
+    assert result["forward_flops_per_token"] == describe(spec, seq_len=spec.data.seq_len)["flops_per_token"]
+    assert result["tokens_per_step"] == spec.train.micro_batch_size * spec.data.seq_len
     for side in ("zoo", "transformers"):
         row = result["results"][side]
-        assert row["tokens_per_s"] > 0 and row["peak_step_memory_bytes"] > 0
-        if "bf16" in row["label"] and not mfu.cpu_has_native_bf16():
-            assert row["mfu"] is None and row["peak_flops"] is None  # emulated bf16: no peak
-        else:
-            assert 0 < row["mfu"] < 1 and row["peak_flops"] > 0
+        assert row["tokens_per_s"] > 0 and row["peak_step_memory_bytes"] > 0  # /proc is here: measured
         assert row["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / (row["step_ms"] / 1e3))
+        assert row["achieved_flops"] == pytest.approx(
+            row["tokens_per_s"] * result["forward_flops_per_token"] * mfu.TRAIN_FLOPS_PER_FORWARD_FLOP, rel=1e-12)
+        precision = row["label"].split()[1]
+        peak = mfu.measured_peak_flops(train_step.DTYPES[precision], torch.device("cpu"))
+        if math.isnan(peak):  # bf16 on a CPU without bf16 instructions: emulated, no peak
+            assert "bf16" in row["label"] and not mfu.cpu_has_native_bf16()
+            assert row["mfu"] is None and row["peak_flops"] is None
+        else:
+            assert row["peak_flops"] == result["peak_flops"][precision]["measured"] == peak > 0
+            assert row["mfu"] == pytest.approx(row["achieved_flops"] / peak, rel=1e-12)
     assert result["speedup"] == pytest.approx(result["results"]["transformers"]["step_ms"]
                                               / result["results"]["zoo"]["step_ms"])
     assert "zoo / transformers speed" in capsys.readouterr().out

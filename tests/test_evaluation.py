@@ -211,16 +211,30 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(run, lm):
     assert text == tokenizer.decode(new).split("e")[0]
 
 
-def test_generate_until_samples_only_ids_the_tokenizer_can_decode(run, tmp_path):
+def test_generate_until_samples_only_ids_the_tokenizer_can_decode(run, tmp_path, monkeypatch):
     """A model vocab larger than the tokenizer's (allowed, as for an imported model): sampling from a
-    near-uniform untrained model drew ids past the tokenizer's 512 and SentencePiece raised."""
+    near-uniform untrained model drew ids past the tokenizer's 512 and SentencePiece raised. Every id
+    sampled is recorded and must be below 512; the text is their decoding."""
+    import training.evaluation.lm as lm_module
+
     _, _, spec, tokenizer = run
     big = with_changes(spec, {"model.vocab_size": 4 * VOCAB})
     save_run_folder(zoo.build(big), big, tmp_path)
     tokenizer.save(tmp_path)
+    sampled, iter_generate = [], lm_module.iter_generate
+
+    def recording(*args, **kwargs):
+        for token in iter_generate(*args, **kwargs):
+            sampled.append(token)
+            yield token
+
+    monkeypatch.setattr(lm_module, "iter_generate", recording)
     request = _generate_request("To be", until=["\n\n"], max_gen_toks=32, do_sample=True, temperature=1.0, seed=0)
     (text,) = ZooLM(str(tmp_path)).generate_until([request], disable_tqdm=True)
-    assert isinstance(text, str)
+    # 3/4 of a near-uniform 2048-id model's mass lies past 512: 8 draws all below it by chance have odds 4^-8.
+    assert len(sampled) >= 8, sampled
+    assert max(sampled) < tokenizer.vocab_size == VOCAB
+    assert text == tokenizer.decode(sampled).split("\n\n")[0]
 
 
 def test_multiple_choice_scores_follow_lm_eval():
@@ -314,14 +328,30 @@ def test_cli_eval_prints_a_table_writes_json_and_tensorboard(run, tmp_path):
     for word in ("hellaswag", "acc_norm", "lambada_openai", "perplexity", "bits/byte"):
         assert word in proc.stdout
     record = json.loads(output.read_text())
-    assert record["tasks"]["hellaswag"]["n"] == 8 and 0 <= record["tasks"]["hellaswag"]["acc_norm"] <= 1
+    assert record["tasks"]["hellaswag"]["n"] == 8 and record["tasks"]["lambada_openai"]["n"] == 8
     assert record["tasks"]["lambada_openai"]["perplexity"] > 1 and record["perplexity"]["documents"] == 2
+    # The CLI's numbers are the model's: the same run folder scored in this process (HellaSwag in memory,
+    # truncated at data.seq_len as `zoo eval` truncates; held-out perplexity through the zoo class).
+    _, model, spec, tokenizer = run
+    in_memory = hellaswag_accuracy(model, tokenizer, HELLASWAG, limit=8, max_length=spec.data.seq_len)
+    assert {m: record["tasks"]["hellaswag"][m] for m in ("acc", "acc_norm", "n")} == in_memory
+    ppl = perplexity(ZooLM(str(run_dir)), heldout)
+    for key in ("tokens", "bytes"):
+        assert record["perplexity"][key] == ppl[key]
+    for key in ("nll_per_token", "token_perplexity", "bits_per_byte"):
+        assert record["perplexity"][key] == pytest.approx(ppl[key], rel=1e-6)  # fp32 log-probs, same batches
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run_dir))
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    assert {"eval/hellaswag/acc", "eval/hellaswag/acc_norm", "eval/ppl/bits_per_byte"} <= set(events.Tags()["scalars"])
+    logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("eval/")}
+    expected = {f"eval/{task}/{metric}": value for task, metrics in record["tasks"].items()
+                for metric, value in metrics.items() if metric != "n" and not metric.endswith("_stderr")}
+    expected.update({f"eval/ppl/{key}": record["perplexity"][key]
+                     for key in ("token_perplexity", "bits_per_byte", "nll_per_token")})
+    assert {"eval/hellaswag/acc", "eval/hellaswag/acc_norm", "eval/lambada_openai/acc"} <= set(expected)
+    assert logged == pytest.approx(expected, rel=1e-6)  # TensorBoard stores float32 (24-bit mantissa, ~6e-8)
 
 
 @pytest.mark.parametrize("args,words", [

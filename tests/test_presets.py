@@ -123,3 +123,62 @@ def test_tiny_keeps_the_first_layer_of_each_periodic_override():
     small = tiny(spec).model
     assert small.n_layers < spec.model.n_layers
     assert [layer.ffn.kind for layer in small.layer_specs()][3] == "mlp"
+
+
+def _count_forward_flops(model, ids):
+    """(FLOPs FlopCounterMode counts in the forward of `ids` but for attention's; the (q, k, v) shapes of
+    every attention call). Attention runs with the counter switched off: on CPU, SDPA's flash kernel is
+    not in the counter's registry (0 FLOPs), while its math fallback (taken when q/k and v head dims
+    differ) is counted as bmm over the full, unmasked T x T square, so the kernel chosen would decide."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from zoo.blocks import mha, mla, sdpa
+
+    shapes = []
+
+    def uncounted_attention(q, k, v, **kwargs):
+        shapes.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        with _disable_current_modes():
+            return sdpa.causal_attention(q, k, v, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mha, "causal_attention", uncounted_attention)
+        patch.setattr(mla, "causal_attention", uncounted_attention)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(ids)
+    return counter.get_total_flops(), shapes
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_describe_flops_per_token_match_a_flop_counter(name):
+    """describe's forward FLOPs per token, exactly (integers on both sides, no tolerance):
+    - every matmul but attention's, as torch's FlopCounterMode counts them (projections, router, routed
+      and shared experts, LM head). fp32 on CPU runs the experts as a per-expert loop over the rows
+      routed to each (no padding), so the count is exactly top_k experts' worth per token;
+    - less the MoE combine, which the counter sees and describe leaves out with norms and softmax (no
+      weight matrix): on CPU the weighted sum of a token's K expert outputs is a (1, K) x (K, D) bmm,
+      2 * K * D FLOPs per token;
+    - plus attention by hand, from the shapes each attention call got: under the causal mask query t
+      scores t + 1 keys (2 * Dk FLOPs each) and sums t + 1 values (2 * Dv each), so T queries take
+      2 * H * (Dk + Dv) * T (T + 1) / 2 FLOPs, H * (Dk + Dv) * (T + 1) per token."""
+    spec = presets.get(name, tiny=True)
+    T, B = spec.model.max_seq_len, 2
+    model = zoo.build(spec).eval()
+    ids = torch.randint(0, spec.model.vocab_size, (B, T))
+    counted, shapes = _count_forward_flops(model, ids)
+    assert len(shapes) == spec.model.n_layers, "an attention call per layer"
+    attention_per_token = 0
+    for (qB, H, qT, Dk), (_, _, S, kDk), (_, _, vS, Dv) in shapes:
+        assert (qB, qT, S, vS, kDk) == (B, T, T, T, Dk)
+        attention_per_token += H * (Dk + Dv) * (T + 1)
+    combine_per_token = sum(2 * layer.ffn.router.top_k * spec.model.d_model for layer in model.layers
+                            if isinstance(layer.ffn, zoo.blocks.moe.MoE))
+    assert counted % (B * T) == 0
+    info = describe(spec, seq_len=T)
+    assert info["flops_per_token"] == counted // (B * T) - combine_per_token + attention_per_token
+
+
+def test_describe_flop_check_covers_mha_gqa_and_mla():
+    kinds = {b["kind"] for name in PRESETS for b in describe(presets.get(name, tiny=True))["blocks"]}
+    assert {"mha", "gqa", "mla", "moe", "mlp"} <= kinds

@@ -57,6 +57,10 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 
 
 def test_train_end_to_end(cache_dir, tmp_path):
+    from training import mfu as mfu_module
+    from training.precision import DTYPES
+    from zoo.describe import describe
+
     out = tmp_path / "run"
     proc = train(cache_dir, out, "--set", "train.steps=12", "--set", "train.eval_every=4", "--set", "train.ckpt_every=6",
                  "--set", "train.log_every=1", "--set", "train.micro_batch_size=4")
@@ -78,12 +82,52 @@ def test_train_end_to_end(cache_dir, tmp_path):
                 "lr/adam", "moe/layer_1/max_vio", "moe/layer_1/router_entropy", "moe/layer_1/routing_bias_norm",
                 "val/ppl", "val/acc"):
         assert scalars(out, tag), f"{tag} not logged"
-    assert 0 < scalars(out, "perf/mfu")[12] < 1
     # The run folder rebuilds the trained model, whose validation loss is the logged one.
     model, spec = load_run_folder(out)
     assert spec.train.steps == 12 and spec.model.d_model == 64
     bias = model.layers[1].ffn.router.e_score_correction_bias
     assert bias.abs().sum() > 0, "the auxiliary-loss-free bias never moved"
+
+    # MFU = tokens/s x describe's forward FLOPs per token x 3 / the peak the trainer divides by: on a CPU
+    # (fp32, or bf16 where it has bf16 instructions) the measured matmul peak cached in $ZOO_CACHE under
+    # this CPU, dtype and the trainer's thread count (a lone rank takes every core unless OMP_NUM_THREADS
+    # is set: training.engine.set_cpu_threads). TensorBoard holds float32.
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: threads)
+        key = mfu_module.cpu_peak_cache_key(DTYPES[expected])
+        cached = json.loads((cache_dir / "matmul_peak.json").read_text())
+        assert key in cached, f"the trainer's peak is not cached under {key}: {list(cached)}"
+        peak = mfu_module.peak_flops(DTYPES[expected], torch.device("cpu"), cache_dir)
+    assert peak == cached[key] > 0
+    flops_per_token = describe(spec, seq_len=spec.data.seq_len)["flops_per_token"]
+    tokens_per_s, mfu = scalars(out, "perf/tokens_per_s"), scalars(out, "perf/mfu")
+    assert sorted(mfu) == sorted(tokens_per_s) == list(range(1, 13))
+    for step, value in mfu.items():
+        assert value == pytest.approx(tokens_per_s[step] * flops_per_token * 3 / peak, rel=1e-6), step
+    # Perplexity is exp(validation loss) at every evaluation.
+    ppl = scalars(out, "val/ppl")
+    assert sorted(ppl) == [4, 8, 12]
+    for step, loss in val.items():
+        assert ppl[step] == pytest.approx(math.exp(loss), rel=2e-6)  # float32 loss ~6: exp moves its 6e-8 x 6
+    # The MoE statistics agree with one another at every step: each expert's share of the step's loads sums
+    # to 1, MaxVio = max load / mean load - 1 = E x the largest share - 1, the entropy of a distribution over
+    # E experts lies in (0, ln E], and the bias norm logged at the last step is the saved router's.
+    moe_layers = model.moe_layers()
+    assert moe_layers
+    for layer, moe in moe_layers.items():
+        n_experts = moe.router.n_experts
+        shares = [scalars(out, f"moe_load/layer_{layer}/expert_{e}") for e in range(n_experts)]
+        max_vio = scalars(out, f"moe/layer_{layer}/max_vio")
+        entropy = scalars(out, f"moe/layer_{layer}/router_entropy")
+        for step in range(1, 13):
+            step_shares = [share[step] for share in shares]
+            assert sum(step_shares) == pytest.approx(1.0, rel=1e-5)
+            assert max_vio[step] == pytest.approx(n_experts * max(step_shares) - 1, rel=1e-5, abs=1e-6)
+            assert 0 < entropy[step] <= math.log(n_experts) + 1e-6
+        assert max(max_vio.values()) > 0.05, "loads this unequal at no step: the check above would pass on zeros"
+        bias_norm = moe.router.e_score_correction_bias.norm().item()
+        assert scalars(out, f"moe/layer_{layer}/routing_bias_norm")[12] == pytest.approx(bias_norm, rel=1e-6)
 
 
 def test_resume_continues_exactly(cache_dir, tmp_path):
@@ -671,3 +715,142 @@ def test_layouts_deepspeed_cannot_train_are_refused_before_it_starts(changes, wo
     with pytest.raises(TrainingError, match=re.escape(words)):
         trainer._check_layout(spec, world_size)
     trainer._check_layout(with_changes(presets.get("dense", tiny=True), {"deepspeed.zero_stage": 3}), 1)
+
+
+class _Engine:
+    """What trainer.evaluate uses of a DeepSpeed engine: `module`, and calling it runs the module's forward."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _partly_predictable_batch(model, rows: int, length: int, generator) -> torch.Tensor:
+    """Random tokens, but every other position holds the model's own argmax for it given the tokens before
+    (causal: setting token t + 1 leaves the prediction at t as it was). An untrained model's accuracy on
+    random tokens is ~1/V, where a misaligned accuracy would go unseen."""
+    vocab = model.lm_head.weight.shape[0]
+    batch = torch.randint(0, vocab, (rows, length), generator=generator)
+    with torch.no_grad():
+        for t in range(1, length, 2):
+            batch[:, t] = model(batch[:, :t]).logits[:, -1].argmax(-1)
+    return batch
+
+
+def test_evaluate_is_token_weighted_cross_entropy_and_next_token_accuracy():
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"train.precision": "fp32"})
+    model = zoo.build(spec)
+    g = torch.Generator().manual_seed(3)
+    # Two batches of different sizes (3 x 24 and 1 x 16 tokens): a mean of per-batch means would weigh
+    # the second batch's 15 targets like the first one's 69.
+    batches = [_partly_predictable_batch(model, 3, 24, g), _partly_predictable_batch(model, 1, 16, g)]
+    got = trainer.evaluate(_Engine(model), batches, torch.device("cpu"))
+    assert model.training, "evaluate hands the model back in training mode"
+
+    model.eval()
+    nll, correct, wrong_alignment, count = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch).logits  # (B, T, V): position t predicts token t + 1
+            targets = batch[:, 1:]
+            nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum")
+            correct += (logits[:, :-1].argmax(-1) == targets).sum().item()
+            wrong_alignment += (logits[:, 1:].argmax(-1) == targets).sum().item()
+            count += targets.numel()
+    loss = nll.item() / count
+    # fp32 throughout; the model's mean and this sum differ in summation order only (~1e-7 relative).
+    assert got["val/loss"] == pytest.approx(loss, rel=1e-5)
+    assert got["val/ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert got["val/acc"] == correct / count
+    # At least the 3 * 12 + 1 * 8 planted predictions are right; logits[:, 1:] (an untrained model with tied
+    # embeddings mostly predicts the token it reads) scores otherwise, so a misaligned evaluate fails above.
+    assert correct >= 44 and wrong_alignment != correct
+
+
+def test_observer_logs_expert_loads_max_vio_entropy_and_bias_norm(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.observe import Observer
+    from zoo.blocks.moe import RouterStats
+
+    def stats(entropy):
+        return RouterStats(load_E=torch.zeros(1), max_vio=torch.tensor(-1.0), entropy=torch.tensor(entropy),
+                           aux_loss=torch.tensor(0.0))
+
+    # Layer 1: a sigmoid router with a bias; layer 3: a softmax router, none. Loads summed over a step.
+    loads = {1: torch.tensor([6.0, 2.0, 0.0, 4.0]), 3: torch.tensor([5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 9.0])}
+    observer = Observer(tmp_path, total_steps=10, start_step=0, enabled=True)
+    observer.routers(7, {1: stats(1.25), 3: stats(2.0)}, loads, {1: torch.tensor([0.003, -0.004, 0.0, 0.0])})
+    observer.close()
+
+    # MaxVio (Wang et al. 2024, arXiv:2408.15664, the loss-free balancing paper): max load / mean load - 1.
+    expected = {
+        "moe/layer_1/max_vio": 6 / 3 - 1, "moe/layer_3/max_vio": 9 / 5.5 - 1,
+        "moe/layer_1/router_entropy": 1.25, "moe/layer_3/router_entropy": 2.0,
+        "moe/layer_1/routing_bias_norm": 0.005,
+        **{f"moe_load/layer_1/expert_{e}": share for e, share in enumerate([0.5, 1 / 6, 0.0, 1 / 3])},
+        **{f"moe_load/layer_3/expert_{e}": 5 / 44 for e in range(7)}, "moe_load/layer_3/expert_7": 9 / 44,
+    }
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(expected), "no other scalars; no bias norm for the softmax router"
+    for tag, value in expected.items():
+        (event,) = events.Scalars(tag)
+        assert event.step == 7 and event.value == pytest.approx(value, rel=1e-6, abs=1e-7), tag  # float32
+    histogram = events.Histograms("moe/layer_1/expert_share")[0].histogram_value
+    assert (histogram.num, histogram.min, histogram.max) == (4, 0.0, 0.5)
+    assert histogram.sum == pytest.approx(1.0) and histogram.sum_squares == pytest.approx(0.25 + 1 / 36 + 1 / 9)
+
+
+def test_routing_biases_move_on_the_loads_of_the_whole_accumulation_window(one_rank, cache_dir, tmp_path, monkeypatch):
+    """README: the biases move once per optimizer step, on expert loads summed over the accumulation
+    window. The trainer's loop, in this process, for one step of two micro-batches: the loads it hands to
+    update_routing_biases are the sum of the two forwards' loads, and the bias moves by
+    bias_update_rate * sign(mean load - load) of that sum (DeepSeek-V3's auxiliary-loss-free rule)."""
+    from zoo.blocks.model import DecoderLM
+
+    micro_loads, updates = [], []
+    forward, update = DecoderLM.forward, DecoderLM.update_routing_biases
+
+    def recording_forward(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training:  # not the validation at the end
+            micro_loads.append({i: s.load_E.detach().clone() for i, s in out.router_stats.items()})
+        return out
+
+    def recording_update(self, loads):
+        routers = {i: m.router for i, m in self.moe_layers().items()}
+        before = {i: r.e_score_correction_bias.clone() for i, r in routers.items()}
+        update(self, loads)
+        updates.append(({i: load.clone() for i, load in loads.items()}, before,
+                        {i: r.e_score_correction_bias.clone() for i, r in routers.items()}, routers))
+
+    monkeypatch.setattr(DecoderLM, "forward", recording_forward)
+    monkeypatch.setattr(DecoderLM, "update_routing_biases", recording_update)
+    monkeypatch.setattr(trainer, "_save", lambda *args: None)  # checkpoints are tested elsewhere
+    monkeypatch.setattr(trainer, "peak_flops", lambda dtype, device: math.nan)  # no MFU: no peak to measure
+    for key, value in {**one_rank, "ZOO_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)  # OMP_NUM_THREADS: init_distributed leaves the thread count alone
+    handlers = {sig: signal.getsignal(sig) for sig in trainer.StopFlag.SIGNALS}
+    try:
+        args = trainer.parse_args(["--tiny", "--out", str(tmp_path / "run"), "--set", "train.steps=1",
+                                   "--set", "train.grad_accum=2", "--set", "train.precision=fp32"])
+        assert trainer.train(args) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    assert len(micro_loads) == 2 and len(updates) == 1
+    loads, before, after, routers = updates[0]
+    assert sorted(loads) == sorted(routers) == sorted(micro_loads[0]) and loads  # sigmoid routers, every MoE layer
+    last_alone_differs = False
+    for i, router in routers.items():
+        summed = micro_loads[0][i] + micro_loads[1][i]  # integer counts in float32: exact
+        torch.testing.assert_close(loads[i], summed, rtol=0, atol=0)
+        step = router.bias_update_rate * torch.sign(summed.mean() - summed)
+        torch.testing.assert_close(after[i], before[i] + step, rtol=0, atol=1e-9)
+        last = micro_loads[1][i]
+        last_alone_differs |= not torch.equal(torch.sign(summed.mean() - summed), torch.sign(last.mean() - last))
+    assert last_alone_differs, "the last micro-batch alone moves the biases alike here: the check could not fail"
