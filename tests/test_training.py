@@ -289,7 +289,7 @@ def test_bad_input_is_one_line(cache_dir, tmp_path, case):
         "empty": (["--set", f"data.source={_write(tmp_path / 'empty.txt', '')}"], ["empty"]),
         "seq_len": (["--set", "data.seq_len=4096"], ["data.seq_len (4096)", "max_seq_len"]),
         "fp16": (["--set", "train.precision=fp16"], ["fp16", "CPU"]),
-        "resume": (["--resume"], ["--resume", "no checkpoint"]),
+        "resume": (["--resume"], ["--resume", "no complete checkpoint"]),
         "ds_config": (["--ds-config", str(_write(tmp_path / "c.json", '{"gradient_clipping": 5.0}'))],
                       ["gradient_clipping=5.0", "train.grad_clip=1.0"]),
         "ds_precision": (["--set", "train.precision=fp32", "--ds-config",
