@@ -3,7 +3,11 @@ matmul attention, fused LM-head loss) must not cost accuracy. And `train.precisi
 only where the device computes it natively (training/precision.py)."""
 
 import argparse
+import json
+import os
 import platform
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -121,6 +125,69 @@ def test_matmul_peak_is_measured_on_the_device_asked_for(monkeypatch):
     monkeypatch.setattr(torch, "mm", mm)
     mfu.measure_matmul_peak(torch.float32, torch.device("meta"), sizes=(512,), repeats=1)  # meta: no compute
     assert devices and set(devices) == {("meta", "meta")}
+
+
+def test_a_cpu_peak_measured_beside_busy_processes_says_so(tmp_path):
+    """One spinning process per core takes about half of every core from the measurement (0.50-0.62
+    measured on a 2-core VM, against 0.90 alone): its share falls below QUIET_CPU_SHARE, so the peak
+    is not cached and the run is warned that its MFU reads high."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    spin = "import time\nend = time.time() + 20\nwhile time.time() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(max(cores, torch.get_num_threads()))]
+    try:
+        time.sleep(0.5)  # let them start spinning
+        peak, share = mfu.measure_cpu_peak(torch.float32)
+        with pytest.warns(mfu.BusyPeakWarning, match=r"measured while other processes used the CPU .* not cached"):
+            busy = mfu.measured_peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path)
+    finally:
+        for process in spinners:
+            process.kill()
+            process.wait()
+    assert peak > 0 and busy > 0 and share < mfu.QUIET_CPU_SHARE, share
+    assert not (tmp_path / "matmul_peak.json").exists()
+
+
+def _measure_with_share(monkeypatch, rate: float, share: float) -> list:
+    """measure_cpu_peak patched to return (rate, share); the list counts the measurements."""
+    calls = []
+    monkeypatch.setattr(mfu, "measure_cpu_peak", lambda dtype: (calls.append(dtype), (rate, share))[1])
+    return calls
+
+
+def test_only_a_quiet_cpu_peak_is_cached(monkeypatch, tmp_path, recwarn):
+    """A peak measured on a busy machine stayed cached for good: every later MFU read ~1.6x too high
+    (91.6 GFLOP/s cached while a test suite ran beside the trainer, 147 measured alone)."""
+    calls = _measure_with_share(monkeypatch, 91.6e9, 0.55)
+    for _ in range(2):  # busy: used for this run, measured again by the next
+        with pytest.warns(mfu.BusyPeakWarning, match=r"91\.6 GFLOP/s.*got 55% of its threads' time"):
+            assert mfu.measured_peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 91.6e9
+    assert len(calls) == 2 and not (tmp_path / "matmul_peak.json").exists()
+    calls = _measure_with_share(monkeypatch, 147e9, 0.9)
+    for _ in range(2):  # quiet: measured once, then read from the cache
+        assert mfu.measured_peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 147e9
+    assert len(calls) == 1 and not recwarn.list
+    cached = json.loads((tmp_path / "matmul_peak.json").read_text())
+    assert cached == {mfu.cpu_peak_cache_key(torch.float32): 147e9}
+
+
+def test_cpu_share_is_cpu_time_over_wall_time_and_threads(monkeypatch):
+    """measure_cpu_peak's share, with clocks that advance 2 s of wall time and 2.4 s of CPU time over a
+    measurement on 2 threads: 0.6."""
+    clock = {"wall": 0.0, "cpu": 0.0}
+
+    def measure(dtype):
+        clock["wall"] += 2.0
+        clock["cpu"] += 2.4
+        return 123e9
+
+    monkeypatch.setattr(mfu, "measure_matmul_peak", measure)
+    monkeypatch.setattr(mfu.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(mfu.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert mfu.measure_cpu_peak(torch.float32) == (123e9, pytest.approx(0.6))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # 2 threads on 1 core: 1 core's time
+    assert mfu.measure_cpu_peak(torch.float32) == (123e9, pytest.approx(1.2))
 
 
 def _peak_on_a_fake_gpu(monkeypatch, name: str, dtype: torch.dtype) -> float | tuple:

@@ -352,9 +352,9 @@ def fake_saves(one_rank, monkeypatch):
     for key, value in one_rank.items():
         monkeypatch.setenv(key, value)
     events = []
-    barrier, write = dist.barrier, checkpoints._write_atomic
+    barrier, write = dist.barrier, checkpoints.write_atomic
     monkeypatch.setattr(checkpoints.dist, "barrier", lambda: (events.append("barrier"), barrier())[1])
-    monkeypatch.setattr(checkpoints, "_write_atomic",
+    monkeypatch.setattr(checkpoints, "write_atomic",
                         lambda path, text: (events.append(f"write {path.name}"), write(path, text))[1])
     return _FakeEngine(events), events
 

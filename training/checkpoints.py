@@ -17,7 +17,6 @@ removes incomplete folders.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from training.engine import TrainingError
+from zoo.files import write_atomic
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"  # marker file inside a tag folder
@@ -92,8 +92,8 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
         before_commit()
     dist.barrier()  # every rank's files, expert shards included, are on disk
     if dist.get_rank() == 0:
-        _write_atomic(run_dir / CHECKPOINTS / tag / COMPLETE, f"{tag}\n")
-        _write_atomic(run_dir / CHECKPOINTS / LATEST, tag)
+        write_atomic(run_dir / CHECKPOINTS / tag / COMPLETE, f"{tag}\n")
+        write_atomic(run_dir / CHECKPOINTS / LATEST, tag)
         _prune(run_dir / CHECKPOINTS, keep_last, keep=tag)
     dist.barrier()  # no rank reads `latest` or starts the next save before rank 0 has moved it
     return run_dir / CHECKPOINTS / tag
@@ -140,16 +140,6 @@ def agreed_failure(failures: list[str | None]) -> str:
     if len(failed) == len(failures) and len(set(failed.values())) == 1:
         return failed[0]
     return "; ".join(f"rank {rank}: {reason}" for rank, reason in failed.items())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write, flush to disk, then rename over `path`: a reader sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(directory: Path, keep_last: int, keep: str) -> None:

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from training.corpus import PARAGRAPHS, DataError, load_documents  # noqa: F401  (DataError: part of this API)
 from training.split import check_val_fraction, split_documents
+from zoo.files import write_atomic
 from zoo.tokenizer import (  # noqa: F401
-    TOKENIZER_FILENAME, Tokenizer, TokenizerError, canonical_proto, sentencepiece_threads, write_atomic)
+    TOKENIZER_FILENAME, Tokenizer, TokenizerError, canonical_proto, sentencepiece_threads)
 
 UNK_ID, EOS_ID = 0, 1
 N_BYTE_PIECES = 256  # byte_fallback adds one piece per byte value

@@ -5,9 +5,11 @@ device's dense matmul rate for the training dtype. `peak_flops` (the trainer's):
 datasheet numbers for a GPU it names, else a measurement on that GPU; on CPU a measurement. The
 measurement (`measured_peak_flops`, the benchmarks' peak everywhere) is of square matmuls, best of
 several; on CPU it is cached on disk per CPU (name, ISA level torch dispatches to, native bf16 or
-not), thread count, dtype and torch version because it takes a few seconds. Measure on a quiet
-machine: a busy one lowers the peak and inflates MFU (delete $ZOO_CACHE/matmul_peak.json to measure
-again); an MFU above 100% says the peak is wrong, and `format_mfu` marks it so.
+not), thread count, dtype and torch version because it takes a few seconds. A busy machine lowers
+the peak and so inflates every MFU divided by it: a CPU measurement during which this process got
+less than QUIET_CPU_SHARE of its threads' time on the CPU (other processes were running) is used for
+this run only, with a `BusyPeakWarning`, and measured again next time. An MFU above 100% still says
+the peak is wrong, and `format_mfu` marks it so.
 
 bf16 on a CPU without bf16 instructions has no peak (NaN): it is emulated, at ~1 GFLOP/s on a
 256^3 matmul and 3-5 on a model's matmuls, so no square-matmul rate bounds what a step achieves.
@@ -24,9 +26,12 @@ import math
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
+
+from zoo.files import write_atomic
 
 TRAIN_FLOPS_PER_FORWARD_FLOP = 3  # backward costs two forwards (grads w.r.t. inputs and weights)
 PEAK_MATMUL_SIZES = (1024, 2048)
@@ -34,6 +39,11 @@ CUDA_PEAK_MATMUL_SIZES = (4096, 8192)  # a GPU reaches its peak only on large ma
 PEAK_REPEATS = 8  # best of several: a busy machine only ever lowers a measurement
 PEAK_PROBE_SIZE = 256  # measured first, to skip sizes that would take too long
 PEAK_BUDGET_S = 10.0  # most seconds one size's repeats may take
+# Share of its threads' wall time a CPU peak measurement must get on the CPU to be cached: 0.90 on an
+# idle 2-core VM; 0.62 with one other busy process and 0.50 with another matmul loop (which cut the
+# measured peak from 122 to 95 and 68 GFLOP/s).
+QUIET_CPU_SHARE = 0.8
+PEAK_CACHE_VERSION = 2  # 1 cached measurements from busy machines too
 # Dense bf16 tensor-core peaks (datasheets, without sparsity), FLOP/s, keyed by the model words of
 # torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB").
 CUDA_PEAKS = {"H100": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L4": 121e12,
@@ -94,6 +104,23 @@ def measure_matmul_peak(dtype: torch.dtype, device: torch.device = torch.device(
     return best
 
 
+class BusyPeakWarning(UserWarning):
+    """The CPU matmul peak was measured while other processes used the CPU: it is too low, and an
+    MFU divided by it too high."""
+
+
+def measure_cpu_peak(dtype: torch.dtype) -> tuple[float, float]:
+    """(peak FLOP/s, CPU share): `measure_matmul_peak` on the CPU, and the share of its threads' wall
+    time the measurement got on the CPU (process CPU time over wall time x threads; 1 is all of it).
+    Other processes on the same cores take their share from it."""
+    threads = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+    wall, cpu = time.perf_counter(), time.process_time()
+    peak = measure_matmul_peak(dtype)
+    share = (time.process_time() - cpu) / max((time.perf_counter() - wall) * threads, 1e-9)
+    return peak, share
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,8 +150,8 @@ def cpu_peak_cache_key(dtype: torch.dtype) -> str:
     """What a CPU matmul peak depends on. The model name alone is not enough: a VM may show only
     "AMD EPYC" for an AVX2 host and for one with avx512_bf16."""
     capability = torch.backends.cpu.get_cpu_capability()  # the ISA level torch's kernels dispatch to
-    return (f"{_cpu_name()}|{capability}|native_bf16={cpu_has_native_bf16()}|threads={torch.get_num_threads()}"
-            f"|{dtype}|torch={torch.__version__}")
+    return (f"v{PEAK_CACHE_VERSION}|{_cpu_name()}|{capability}|native_bf16={cpu_has_native_bf16()}"
+            f"|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__}")
 
 
 def measured_peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> float:
@@ -141,13 +168,19 @@ def measured_peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Pat
         cached = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cached = {}
-    if key not in cached:
-        cached[key] = measure_matmul_peak(dtype)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        tmp.replace(cache_file)
-    return cached[key]
+    if key in cached:
+        return cached[key]
+    peak, share = measure_cpu_peak(dtype)
+    if share < QUIET_CPU_SHARE:
+        warnings.warn(BusyPeakWarning(
+            f"the {str(dtype).removeprefix('torch.')} matmul peak ({peak / 1e9:.1f} GFLOP/s) was measured while other "
+            f"processes used the CPU (this one got {share:.0%} of its threads' time): MFU this run reads too high; "
+            "not cached, so the next run measures again"))
+        return peak
+    cached[key] = peak
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(cache_file, json.dumps(cached, indent=1).encode())
+    return peak
 
 
 def peak_flops(dtype: torch.dtype, device: torch.device, cache_dir: Path | None = None) -> float:

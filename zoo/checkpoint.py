@@ -22,7 +22,7 @@ from torch import nn
 from zoo.builders import build
 from zoo.overrides import SpecError
 from zoo.specs import RunSpec
-from zoo.tokenizer import write_atomic
+from zoo.files import write_atomic
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -12,6 +12,8 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from zoo.files import write_atomic
+
 TOKENIZER_FILENAME = "tokenizer.model"
 
 
@@ -82,10 +84,3 @@ def canonical_proto(model_proto: bytes) -> bytes:
 
 def sentencepiece_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    # Write then rename, so a concurrent reader (another rank) never sees half a file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
