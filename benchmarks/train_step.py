@@ -47,6 +47,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,7 +63,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from training.allocator import retain_freed_memory  # noqa: E402
 from training.mfu import (  # noqa: E402
-    MFU_ABOVE_PEAK_NOTE, TRAIN_FLOPS_PER_FORWARD_FLOP, datasheet_peak_flops, format_mfu, measured_peak_flops, native_bf16,
+    MFU_ABOVE_PEAK_NOTE, TRAIN_FLOPS_PER_FORWARD_FLOP, BusyPeakWarning, datasheet_peak_flops, format_mfu,
+    measured_peak_flops, native_bf16,
 )
 from zoo import presets  # noqa: E402
 from zoo.builders import build  # noqa: E402
@@ -278,12 +280,19 @@ def profile(contender: Contender, path: Path, rows: int = 30) -> str:
 
 def dtype_peaks(precisions, device: torch.device) -> dict[str, dict]:
     """Each precision's matmul peaks, each measured or looked up once: "measured" (MFU's; None where
-    there is none: bf16 on a CPU without bf16 instructions) and "datasheet" (None off the table)."""
+    there is none: bf16 on a CPU without bf16 instructions), "datasheet" (None off the table) and
+    "busy" (measured while other processes used the CPU: too low, so that MFU reads high; said on
+    stderr in one line)."""
     peaks = {}
     for name in precisions:
-        measured = measured_peak_flops(DTYPES[name], device)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BusyPeakWarning)
+            measured = measured_peak_flops(DTYPES[name], device)
+        busy = [w for w in caught if issubclass(w.category, BusyPeakWarning)]
+        for warning in busy:
+            print(f"warning: {warning.message}", file=sys.stderr)
         peaks[name] = {"measured": None if math.isnan(measured) else measured,
-                       "datasheet": datasheet_peak_flops(DTYPES[name], device)}
+                       "datasheet": datasheet_peak_flops(DTYPES[name], device), "busy": bool(busy)}
     return peaks
 
 

@@ -188,12 +188,23 @@ def test_bf16_without_bf16_instructions_has_no_peak_nor_mfu(monkeypatch, tmp_pat
     assert math.isnan(mfu.peak_flops(torch.bfloat16, torch.device("cpu"), cache_dir=tmp_path)) and not calls
     assert mfu.peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 1e9  # fp32 is still measured
     peaks = train_step.dtype_peaks(["fp32", "bf16"], torch.device("cpu"))
-    assert peaks == {"fp32": {"measured": 1e9, "datasheet": None}, "bf16": {"measured": None, "datasheet": None}}
+    assert peaks == {"fp32": {"measured": 1e9, "datasheet": None, "busy": False},
+                     "bf16": {"measured": None, "datasheet": None, "busy": False}}
     row = train_step.report_line("zoo bf16", [0.1, 0.1], 100, 1e6, peaks["bf16"])
     assert row["mfu"] is None and row["peak_flops"] is None and not row["mfu_above_peak"]
     row["peak_step_memory_bytes"] = 2**20
     lines = train_step.results_table({"zoo": row}, {"bf16": peaks["bf16"]}, torch.device("cpu"))
     assert lines[1].split()[-2:] == ["n/a", "1"] and "bf16 n/a (this CPU has no bf16 instructions" in lines[2]
+
+
+def test_a_peak_measured_on_a_busy_machine_is_flagged_in_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
+    monkeypatch.setattr(mfu, "measure_cpu_peak", lambda dtype: (91.6e9, 0.55))
+    peaks = train_step.dtype_peaks(["fp32"], torch.device("cpu"))
+    assert peaks == {"fp32": {"measured": 91.6e9, "datasheet": None, "busy": True}}
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the float32 matmul peak (91.6 GFLOP/s) was measured while other processes used "
+                          "the CPU") and err.count("\n") == 1
 
 
 def test_mfu_above_100_percent_is_flagged_never_plain():
@@ -212,7 +223,7 @@ def test_cuda_mfu_is_against_the_measured_peak_and_the_datasheet_is_separate(mon
     calls = _fake_measurement(monkeypatch, 783e12)
     cuda = torch.device("cuda")
     peaks = train_step.dtype_peaks(["bf16"], cuda)
-    assert peaks == {"bf16": {"measured": 783e12, "datasheet": 989e12}} and calls == [(torch.bfloat16, "cuda")]
+    assert peaks == {"bf16": {"measured": 783e12, "datasheet": 989e12, "busy": False}} and calls == [(torch.bfloat16, "cuda")]
     row = train_step.report_line("zoo bf16 compiled", [0.085] * 3, 32 * 1024, 224e6, peaks["bf16"])
     achieved = 32 * 1024 / 0.085 * 224e6 * mfu.TRAIN_FLOPS_PER_FORWARD_FLOP
     assert row["mfu"] == pytest.approx(achieved / 783e12) and row["peak_flops"] == 783e12
