@@ -286,9 +286,10 @@ def test_cli_generate_cached_and_uncached_agree(run_dir):
     (["generate", "{run}", "--prompt", "hi", "--max-new-tokens", "100"], ["max_new_tokens <="]),
     (["generate", "{run}", "--prompt", "hi", "--temperature", "-1"], ["temperature=-1.0"]),
     (["generate", "{run}", "--prompt", "hi", "--temperature", "inf", "--max-new-tokens", "4"], ["temperature=inf", "finite"]),
-    (["generate", "{run}", "--prompt", "hi", "--top-k", "5", "--max-new-tokens", "4"], ["--top-k sample", "--temperature > 0"]),
+    (["generate", "{run}", "--prompt", "hi", "--top-k", "5", "--max-new-tokens", "4"],
+     ["--top-k only applies when sampling", "--temperature 0.0 decodes greedily", "drop --top-k"]),
     (["generate", "{run}", "--prompt", "hi", "--top-p", "0.9", "--temperature", "0", "--max-new-tokens", "4"],
-     ["--top-p sample", "--temperature > 0"]),
+     ["--top-p only applies when sampling", "--temperature > 0"]),
     (["generate", "{junk}", "--prompt", "hi"], ["tokenizer.model", "is not a SentencePiece model"]),
     (["eval", "{junk}", "--ppl", "{junk}/spec.json"], ["tokenizer.model", "is not a SentencePiece model"]),
 ])

@@ -162,8 +162,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     cuts = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
     if cuts and not args.temperature > 0:
         # Temperature 0 is greedy and would ignore them: the user asked to sample but would not.
-        raise UsageError(f"{' and '.join(cuts)} sample, but --temperature is {args.temperature} (greedy): "
-                         "give --temperature > 0, e.g. --temperature 0.8")
+        flags = " and ".join(cuts)
+        raise UsageError(f"{flags} only appl{'y' if len(cuts) > 1 else 'ies'} when sampling, and --temperature "
+                         f"{args.temperature} decodes greedily: give --temperature > 0 (e.g. 0.8) to sample, "
+                         f"or drop {flags}")
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
         model, spec, tokenizer = load_run(args.run_dir)
