@@ -15,3 +15,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-goldens", action="store_true",
+                     help="rewrite tests/golden/<preset>.json from the registered presets and delete the goldens "
+                          "of presets that no longer exist (tests/test_golden_specs.py)")

@@ -854,3 +854,88 @@ def test_routing_biases_move_on_the_loads_of_the_whole_accumulation_window(one_r
         last = micro_loads[1][i]
         last_alone_differs |= not torch.equal(torch.sign(summed.mean() - summed), torch.sign(last.mean() - last))
     assert last_alone_differs, "the last micro-batch alone moves the biases alike here: the check could not fail"
+
+
+def test_an_fp16_overflow_skips_the_step_and_leaves_the_routing_biases(one_rank, cache_dir, tmp_path, monkeypatch):
+    """When fp16's loss scaler finds an overflowed gradient, DeepSpeed skips the update (was_step_applied()
+    is False) and counts it in engine.skipped_steps. The weights did not move, so the trainer's loop must
+    leave the routers' auxiliary-loss-free biases as they were, and it logs train/skipped_steps.
+
+    fp16 is refused on a CPU, so this run's spec says fp16 while DeepSpeed trains it in fp32 under ZeRO-1,
+    and step 2's gradients are made inf: ZeRO's optimizer then takes the branch its fp16 loss scaler
+    takes on an overflow (no update, gradients zeroed, `overflow` set, which the engine turns into
+    skipped_steps += 1 and was_step_applied() False). Everything else is the trainer's own loop, in this
+    process; what is checked is what it leaves behind: the biases and weights each forward sees, and
+    the TensorBoard scalars."""
+    import deepspeed
+
+    from training import precision
+    from training.mfu import cpu_peak_cache_key
+
+    overflow_step, steps = 2, 3
+    real_resolve, real_initialize = precision.resolve_precision, deepspeed.initialize
+
+    def resolve_without_the_cpu_refusal(spec, device):
+        return spec if spec.train.precision == "fp16" else real_resolve(spec, device)
+
+    # Replaced in every training module that imported it by name: the test holds wherever the loop moves.
+    holders = [m for name, m in list(sys.modules.items())
+               if name.split(".")[0] == "training" and getattr(m, "resolve_precision", None) is real_resolve]
+    assert holders
+    for module in holders:
+        monkeypatch.setattr(module, "resolve_precision", resolve_without_the_cpu_refusal)
+
+    seen = []  # (training?, routing biases, a weight) as each forward starts
+    inf_grad = []  # the hook that overflows step 2's gradients, while it is registered
+
+    def before_forward(model, args):
+        biases = {i: m.router.e_score_correction_bias.clone() for i, m in model.moe_layers().items()}
+        weight = model.embed.weight
+        seen.append((model.training, biases, weight.detach().clone()))
+        while inf_grad:
+            inf_grad.pop().remove()
+        if model.training and sum(training for training, _, _ in seen) == overflow_step:
+            inf_grad.append(weight.register_hook(lambda grad: torch.full_like(grad, math.inf)))
+
+    def initialize_in_fp32(**kwargs):
+        config = kwargs["config"]
+        assert config["fp16"]["enabled"], "the trainer asked DeepSpeed for fp16"
+        kwargs["config"] = {**config, "fp16": {**config["fp16"], "enabled": False}}
+        kwargs["model"].register_forward_pre_hook(before_forward)
+        return real_initialize(**kwargs)
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize_in_fp32)
+    # The fp16 peak MFU divides by, as if measured and cached: measuring would time fp16 matmuls on a CPU,
+    # the slow path the refusal is about.
+    peaks = cache_dir / "matmul_peak.json"
+    cached = json.loads(peaks.read_text()) if peaks.is_file() else {}
+    peaks.write_text(json.dumps({**cached, cpu_peak_cache_key(torch.float16): 1e15}))
+    for key, value in {**one_rank, "ZOO_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)  # OMP_NUM_THREADS: init_distributed leaves the thread count alone
+    handlers = {sig: signal.getsignal(sig) for sig in trainer.StopFlag.SIGNALS}
+    out = tmp_path / "run"
+    try:
+        args = trainer.parse_args(["--tiny", "--out", str(out), "--set", f"train.steps={steps}",
+                                   "--set", "train.precision=fp16", "--set", "deepspeed.zero_stage=1",
+                                   "--set", "train.log_every=1", "--set", f"train.eval_every={steps}",
+                                   "--set", "eval.val_batches=1"])
+        assert trainer.train(args) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    assert [training for training, _, _ in seen] == [True] * steps + [False]  # then one validation batch
+    biases, weights = [b for _, b, _ in seen], [w for _, _, w in seen]  # before steps 1..3, after step 3
+    assert biases[0] and all(len(b) == len(biases[0]) for b in biases)  # the preset has sigmoid routers
+    for step in range(1, steps + 1):
+        before, after = step - 1, step
+        if step == overflow_step:
+            assert torch.equal(weights[after], weights[before]), "DeepSpeed applied the overflowed step"
+            for i in biases[before]:
+                torch.testing.assert_close(biases[after][i], biases[before][i], rtol=0, atol=0,
+                                           msg=f"layer {i}'s routing bias moved on the skipped step {step}")
+        else:
+            assert not torch.equal(weights[after], weights[before]), f"step {step} was not applied"
+            assert all(not torch.equal(biases[after][i], biases[before][i]) for i in biases[before]), step
+    assert scalars(out, "train/skipped_steps") == {1: 0, 2: 1, 3: 1}
+    assert math.isinf(scalars(out, "train/grad_norm")[overflow_step])  # DeepSpeed's report of an overflow
