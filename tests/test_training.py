@@ -19,7 +19,8 @@ import torch.distributed as dist
 import zoo
 from training import checkpoints, trainer
 from training.engine import (
-    TrainingError, initialize, lr_factor, optimizer_groups, resolve_ds_config, unreported_grad_norm,
+    TrainingError, initialize, lr_factor, optimizer_groups, resolve_ds_config, set_cpu_threads,
+    unreported_grad_norm,
 )
 from training.mfu import cpu_has_native_bf16
 from zoo import presets
@@ -29,6 +30,22 @@ from zoo.overrides import with_changes
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "training" / "run.py")]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+@pytest.mark.parametrize("cores,ranks,threads", [(4, 1, 4), (4, 2, 2), (3, 2, 1), (1, 4, 1)])
+def test_ranks_on_a_node_split_the_cores_this_process_may_use(monkeypatch, cores, ranks, threads):
+    """os.cpu_count() counts every core of the machine; a container or `taskset` may allow fewer, and
+    ranks that each took cpu_count // ranks threads oversubscribed them."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: chosen.append(n))
+    chosen = []
+    set_cpu_threads(ranks)
+    assert chosen == [threads]
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # explicit: torch read it at start-up; left alone
+    set_cpu_threads(ranks)
+    assert chosen == [threads]
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from torch import nn
 
 from training.mfu import cpu_has_native_bf16
 from zoo.blocks.routers import SigmoidGroupTopKRouter, SoftmaxTopKRouter
+from zoo.host import usable_cpus
 from zoo.specs import RunSpec
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -89,10 +90,11 @@ def init_distributed() -> Dist:
 
 
 def set_cpu_threads(local_world: int) -> None:
-    """An explicit OMP_NUM_THREADS wins (torch read it at start-up); else the cores split between the ranks."""
+    """An explicit OMP_NUM_THREADS wins (torch read it at start-up); else the cores this process may
+    use split between the ranks on this node."""
     if "OMP_NUM_THREADS" not in os.environ:
         # The launcher does not split the cores between ranks; oversubscription halves throughput.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, usable_cpus() // local_world))
 
 
 def ds_config_source(spec: RunSpec, path: str | None) -> tuple[Path, str]:

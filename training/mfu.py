@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from zoo.files import write_atomic
+from zoo.host import usable_cpus
 
 TRAIN_FLOPS_PER_FORWARD_FLOP = 3  # backward costs two forwards (grads w.r.t. inputs and weights)
 PEAK_MATMUL_SIZES = (1024, 2048)
@@ -113,8 +114,7 @@ def measure_cpu_peak(dtype: torch.dtype) -> tuple[float, float]:
     """(peak FLOP/s, CPU share): `measure_matmul_peak` on the CPU, and the share of its threads' wall
     time the measurement got on the CPU (process CPU time over wall time x threads; 1 is all of it).
     Other processes on the same cores take their share from it."""
-    threads = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                  else os.cpu_count() or 1)
+    threads = min(torch.get_num_threads(), usable_cpus())
     wall, cpu = time.perf_counter(), time.process_time()
     peak = measure_matmul_peak(dtype)
     share = (time.process_time() - cpu) / max((time.perf_counter() - wall) * threads, 1e-9)

@@ -6,13 +6,13 @@ as `tokenizer.model`; generation and evaluation load it from there. Plain senten
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
 
 from zoo.files import write_atomic
+from zoo.host import usable_cpus
 
 TOKENIZER_FILENAME = "tokenizer.model"
 
@@ -83,4 +83,4 @@ def canonical_proto(model_proto: bytes) -> bytes:
 
 
 def sentencepiece_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cpus()
