@@ -251,3 +251,100 @@ def test_cpu_peak_cache_tells_apart_cpus_with_one_name(monkeypatch, tmp_path):
     monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: False)
     assert mfu.peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 147e9  # cached, not 229
     assert len(json.loads((tmp_path / "matmul_peak.json").read_text())) == 2
+
+
+# gpu_check's sections run only on a GPU machine; these run the parts that read a subprocess's report on
+# CPU, with the subprocess faked, so a name lost or a format drifted shows here and not first on the GPU.
+def test_gpu_check_runs_every_section_in_order():
+    from benchmarks import gpu_check
+
+    assert tuple(gpu_check.RUNS) == gpu_check.SECTIONS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA exit")
+def test_gpu_check_without_cuda_measures_nothing_and_exits_2(capsys):
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--sections", "env"]) == 2
+    assert "NO CUDA" in capsys.readouterr().out
+
+
+def _trainer_progress_line(step: int, total: int, loss: float, tps: float, utilisation: float) -> str:
+    """A progress line as the trainer prints it off a terminal (trainer.py's postfix, Observer.progress)."""
+    import contextlib
+    import io
+    import types
+
+    from training.observe import Observer
+
+    observer = Observer.__new__(Observer)
+    observer.enabled, observer.interactive, observer.bar = True, False, types.SimpleNamespace(total=total)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        observer.progress(step, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}", "mfu": mfu.format_mfu(utilisation)})
+    return out.getvalue()
+
+
+def test_gpu_check_train_section_reads_the_trainers_log(monkeypatch, tmp_path):
+    import zoo.describe
+    from benchmarks import gpu_check_common, gpu_check_train
+
+    logged = [(1, 8.51, 351.0, 0.0), (5, 6.0, 140_000.0, 0.095), (10, 4.32, 120_000.0, 0.081)]
+    log = "".join(_trainer_progress_line(s, 10, loss, tps, u) for s, loss, tps, u in logged) + "done: 10 steps\n"
+    commands = []
+    real_popen = subprocess.Popen
+
+    def fake_trainer(cmd, **kwargs):
+        if cmd[1:2] != ["training/run.py"]:  # the `import datasets` probe (subprocess.run calls Popen)
+            return real_popen(cmd, **kwargs)
+        commands.append(cmd)
+        return real_popen([sys.executable, "-c", f"import sys; sys.stdout.write({log!r})"], **kwargs)
+
+    monkeypatch.setattr(gpu_check_train.subprocess, "Popen", fake_trainer)
+    monkeypatch.setattr(zoo.describe, "describe", lambda spec, seq_len: {"total_params": 509e6, "active_params": 99e6,
+                                                                         "flops_per_token": 224e6})
+    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
+    args = argparse.Namespace(micro_batch=2, train_steps=10, compile=False, train_out=str(tmp_path / "run"),
+                              train_timeout=60)
+    gpu_check_train.section_train(args)
+    assert commands[0][1:5] == ["training/run.py", "--preset", gpu_check_train.TRAIN_PRESET, "--out"]
+    assert "train.micro_batch_size=2" in commands[0] and "train.steps=10" in commands[0]
+    notes = gpu_check_common.RESULTS
+    assert notes[0] == "train model: perf_0p5b: 509M total, 99M active per token, 224 MFLOP/token forward at T=1024"
+    assert notes[1].startswith("train: exit 0 after ") and notes[1].endswith(
+        "logged steps 1: 351 tok/s 0.0%, 5: 140,000 tok/s 9.5%, 10: 120,000 tok/s 8.1%")
+    assert notes[2] == ("train: median over logged steps > 1: 130,000 tokens/s, MFU 8.8% "
+                        "(trainer's figures; loss 8.51 -> 4.32)")
+    assert notes[3] == "train: done: 10 steps"
+
+
+def test_gpu_check_trainstep_section_reads_the_benchmarks_json(monkeypatch, tmp_path):
+    from benchmarks import gpu_check_common, gpu_check_train
+
+    peaks = {"measured": 783e12, "datasheet": 989e12}
+    rows = {side: train_step.report_line(label, [seconds] * 3, 2 * 1024, 224e6, peaks)
+            for side, label, seconds in (("zoo", "zoo bf16", 0.085), ("transformers", "transformers bf16", 0.34))}
+    rows["zoo"]["peak_step_memory_bytes"] = 25 * 2**30
+    out, profile = tmp_path / "run_trainstep.json", tmp_path / "run_trainstep_profile.txt"
+
+    def fake_benchmark(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "benchmarks.train_step", "--preset"] and cmd[cmd.index("--json") + 1] == str(out)
+        out.write_text(json.dumps({"results": rows, "speedup": 4.0}))
+        profile.write_text("zoo bf16: 2 train steps, 323.3 ms wall under the profiler\nrest\n")
+        return subprocess.CompletedProcess(cmd, 0, "table\n", "")
+
+    monkeypatch.setattr(gpu_check_train.subprocess, "run", fake_benchmark)
+    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
+    args = argparse.Namespace(micro_batch=2, compile=False, train_out=str(tmp_path / "run"), trainstep_timeout=60)
+    gpu_check_train.section_trainstep(args)
+    zoo_row = rows["zoo"]
+    assert gpu_check_common.RESULTS == [
+        f"trainstep perf_0p5b batch 2x1024: zoo bf16: 85 ms/step, {zoo_row['tokens_per_s']:,.0f} tokens/s, "
+        f"MFU {mfu.format_mfu(zoo_row['mfu'])} (of the measured 783 TFLOP/s), "
+        f"{mfu.format_mfu(zoo_row['mfu_datasheet'])} of the datasheet's 989 TFLOP/s, step memory 25.0 GiB",
+        f"trainstep perf_0p5b batch 2x1024: transformers bf16: 340 ms/step, "
+        f"{rows['transformers']['tokens_per_s']:,.0f} tokens/s, MFU {mfu.format_mfu(rows['transformers']['mfu'])} "
+        f"(of the measured 783 TFLOP/s), {mfu.format_mfu(rows['transformers']['mfu_datasheet'])} of the datasheet's "
+        "989 TFLOP/s, step memory 0.0 GiB",
+        "trainstep: zoo / transformers speed 4.00x",
+        f"trainstep profile ({profile}): zoo bf16: 2 train steps, 323.3 ms wall under the profiler",
+    ]
