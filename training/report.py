@@ -1,0 +1,91 @@
+"""What the loop reports: the opening line, each logged step (TensorBoard scalars, router statistics and
+the progress line), and the closing line. Rank 0's Observer writes; the others' are silent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.checkpoints import CHECKPOINTS, tag_for
+from training.mfu import format_mfu
+from training.observe import Observer
+from zoo.blocks.moe import RouterStats
+from zoo.specs import RunSpec
+
+
+@dataclass
+class StepStats:
+    """One optimizer step as every rank agrees on it: losses averaged and expert loads summed over the
+    accumulation window and all ranks."""
+
+    loss: float
+    ce: float
+    aux: float
+    grad_norm: torch.Tensor | float | None
+    lrs: dict[str, float]  # each parameter group's LR for this update
+    stats: dict[int, RouterStats]  # the last micro-batch's, per MoE layer
+    loads: dict[int, torch.Tensor]  # (E,) per MoE layer
+    tokens: int  # over all ranks
+    seconds: float
+    signalled: bool  # some rank got SIGTERM/SIGINT
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def opening_line(out: Path, spec: RunSpec, world_size: int, data_summary: str, startup_s: float) -> str:
+    train, ep_size = spec.train, spec.deepspeed.ep_size
+    return (
+        f"{out}: {train.steps} steps x {train.micro_batch_size * train.grad_accum * world_size} sequences x "
+        f"{spec.data.seq_len} tokens on {world_size} rank(s), {train.precision}, ZeRO-{spec.deepspeed.zero_stage}"
+        f"{f', ep_size {ep_size}' if ep_size > 1 else ''}; {data_summary}; start-up {startup_s:.1f} s"
+    )
+
+
+def log_step(observer: Observer, step: int, result: StepStats, *, tokens_seen: int, mfu: float | None,
+             biased: dict, world_size: int, skipped_steps: int | None) -> None:
+    """`biased`: the routers with auxiliary-loss-free biases, by layer. Every rank calls this: the biases'
+    spread across ranks is a collective."""
+    tps = result.tokens_per_s
+    observer.scalars(step, {"train/loss": result.loss, "train/ce_loss": result.ce, "train/aux_loss": result.aux,
+                            "perf/tokens_per_s": tps, "train/tokens": tokens_seen,
+                            **({"perf/mfu": mfu} if mfu is not None else {}),
+                            **({"train/grad_norm": float(result.grad_norm)} if result.grad_norm is not None else {}),
+                            **({"train/skipped_steps": skipped_steps} if skipped_steps is not None else {}),
+                            **result.lrs})
+    observer.routers(step, result.stats, result.loads, {i: r.e_score_correction_bias for i, r in biased.items()})
+    if world_size > 1 and biased:
+        observer.scalars(step, {"moe/routing_bias_rank_spread": _rank_spread(biased)})
+    observer.progress(step, {"loss": f"{result.loss:.3f}", "tok/s": f"{tps:,.0f}", "mfu": format_mfu(mfu)})
+
+
+def _rank_spread(routers: dict) -> float:
+    """Largest difference of any routing bias between ranks (0 when the update is in sync)."""
+    flat = torch.cat([r.e_score_correction_bias for r in routers.values()])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return (high - low).max().item()
+
+
+def closing_line(out: Path, spec: RunSpec, *, start_step: int, tokens_seen: int, val: dict[str, float],
+                 wall: float) -> str:
+    final = out / CHECKPOINTS / tag_for(spec.train.steps)
+    return (
+        f"done: {spec.train.steps} steps ({spec.train.steps - start_step} this run), {tokens_seen:,} tokens, "
+        f"val loss {val.get('val/loss', float('nan')):.4f} (ppl {val.get('val/ppl', float('nan')):.1f}, "
+        f"ln V = {math.log(spec.model.vocab_size):.2f}), {wall:.0f} s; checkpoint {final}; "
+        f"view: tensorboard --logdir {out.parent}"
+    )
+
+
+def hparams(spec: RunSpec) -> dict:
+    from zoo.overrides import flatten
+
+    return {k: v for k, v in flatten(spec).items() if isinstance(v, (int, float, str, bool))}
