@@ -23,6 +23,7 @@ from training.engine import (
     unreported_grad_norm,
 )
 from training.mfu import cpu_has_native_bf16
+from zoo.host import usable_cpus
 from zoo import presets
 from zoo.checkpoint import load_run_folder
 from zoo.overrides import with_changes
@@ -105,18 +106,22 @@ def test_train_end_to_end(cache_dir, tmp_path):
     bias = model.layers[1].ffn.router.e_score_correction_bias
     assert bias.abs().sum() > 0, "the auxiliary-loss-free bias never moved"
 
-    # MFU = tokens/s x describe's forward FLOPs per token x 3 / the peak the trainer divides by: on a CPU
-    # (fp32, or bf16 where it has bf16 instructions) the measured matmul peak cached in $ZOO_CACHE under
-    # this CPU, dtype and the trainer's thread count (a lone rank takes every core unless OMP_NUM_THREADS
-    # is set: training.engine.set_cpu_threads). TensorBoard holds float32.
-    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+    # MFU = tokens/s x describe's forward FLOPs per token x 3 / the peak the trainer divides by, which it
+    # logs: on a CPU (fp32, or bf16 where it has bf16 instructions) the matmul peak it measured, cached in
+    # $ZOO_CACHE under this CPU, dtype and the trainer's thread count (a lone rank takes every core unless
+    # OMP_NUM_THREADS is set: training.engine.set_cpu_threads) unless the machine was busy, which it says.
+    # TensorBoard holds float32.
+    (peak,) = scalars(out, "perf/peak_flops").values()
+    threads = int(os.environ.get("OMP_NUM_THREADS", usable_cpus()))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "get_num_threads", lambda: threads)
         key = mfu_module.cpu_peak_cache_key(DTYPES[expected])
-        cached = json.loads((cache_dir / "matmul_peak.json").read_text())
-        assert key in cached, f"the trainer's peak is not cached under {key}: {list(cached)}"
-        peak = mfu_module.peak_flops(DTYPES[expected], torch.device("cpu"), cache_dir)
-    assert peak == cached[key] > 0
+    cache_file = cache_dir / "matmul_peak.json"
+    cached = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key in cached:
+        assert peak == pytest.approx(cached[key], rel=1e-6) and peak > 0
+    else:
+        assert "was measured while other processes used the CPU" in proc.stderr, (key, list(cached), proc.stderr)
     flops_per_token = describe(spec, seq_len=spec.data.seq_len)["flops_per_token"]
     tokens_per_s, mfu = scalars(out, "perf/tokens_per_s"), scalars(out, "perf/mfu")
     assert sorted(mfu) == sorted(tokens_per_s) == list(range(1, 13))

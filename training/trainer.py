@@ -32,7 +32,7 @@ from training import checkpoints, report, startup
 from training.allocator import retain_freed_memory
 from training.data import DataError, TrainBatches, Tokenizer
 from training.engine import Dist, TrainingError, init_distributed, unreported_grad_norm
-from training.mfu import MFU_ABOVE_PEAK_NOTE, mfu as model_flops_utilisation, peak_flops
+from training.mfu import MFU_ABOVE_PEAK_NOTE, BusyPeakWarning, mfu as model_flops_utilisation, peak_flops
 from training.observe import Observer
 from training.precision import DTYPES
 from training.report import StepStats
@@ -138,11 +138,17 @@ def _start(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> _Ru
         _restore_rng(state)
 
     flops_per_token = describe(spec, seq_len=spec.data.seq_len)["flops_per_token"]
-    machine_peak = peak_flops(DTYPES[spec.train.precision], env.device) * env.world_size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BusyPeakWarning)
+        machine_peak = peak_flops(DTYPES[spec.train.precision], env.device) * env.world_size
+    for warning in caught if rank0 else ():  # one line, without the source line `warnings` would print
+        print(f"training: warning: {warning.message}", file=sys.stderr, flush=True)
     startup_s = time.perf_counter() - PROCESS_START
     observer = Observer(out, total_steps=spec.train.steps, start_step=start_step, enabled=rank0)
     observer.message(report.opening_line(out, spec, env.world_size, prepared.summary(), startup_s))
-    observer.scalars(start_step, {"perf/startup_s": startup_s})
+    # The peak perf/mfu divides by (all ranks'), so that any MFU can be checked against tokens/s.
+    observer.scalars(start_step, {"perf/startup_s": startup_s,
+                                  **({} if math.isnan(machine_peak) else {"perf/peak_flops": machine_peak})})
     stop = StopFlag(announce=rank0)
     biased = {i: m.router for i, m in engine.module.moe_layers().items()
               if isinstance(m.router, SigmoidGroupTopKRouter)}
