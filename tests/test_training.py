@@ -302,7 +302,7 @@ def _write(path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("case", ["preset", "path", "empty", "seq_len", "fp16", "resume", "ds_config", "ds_precision",
                                   "ds_not_object", "ds_bf16_bool", "ds_zero_int", "ds_bad_value", "ds_spec_path",
-                                  "stop_after_zero", "stop_after_past"])
+                                  "stop_after_zero", "stop_after_past", "hellaswag_too_long"])
 def test_bad_input_is_one_line(cache_dir, tmp_path, case):
     out = tmp_path / "run"
     args, words = {
@@ -328,9 +328,14 @@ def test_bad_input_is_one_line(cache_dir, tmp_path, case):
         "ds_spec_path": (["--set", "deepspeed.config=/nope.json"], ["deepspeed.config=/nope.json does not exist"]),
         "stop_after_zero": (["--stop-after", "0"], ["--stop-after 0", "train.steps=2"]),
         "stop_after_past": (["--stop-after", "3"], ["--stop-after 3", "train.steps=2"]),
+        # Found before step 1: it used to stop the run at its first evaluation, before that step's checkpoint.
+        "hellaswag_too_long": (["--set", "data.seq_len=64", "--set", "eval.hellaswag_limit=50", "--set",
+                                f"eval.hellaswag_path={ROOT.parent / 'shared' / 'data' / 'hellaswag_val.jsonl'}"],
+                               ["eval.hellaswag_limit=50", "longer than 64 tokens", "raise data.seq_len to >="]),
     }[case]
     proc = train(cache_dir, out, *args)
     assert proc.returncode == 2, proc.stderr
+    assert "step 1/" not in proc.stdout and not (out / "checkpoints").exists(), proc.stdout
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr and len([l for l in lines if "error" in l]) == 1, proc.stderr
     for word in words:

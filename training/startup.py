@@ -84,6 +84,8 @@ def build(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> tupl
         raise TrainingError(f"--resume: the data now gives a different tokenizer than {out / 'tokenizer.model'}; "
                             "the corpus or its settings changed since the run started")
     engine, optimizer, ds_config = _engine(args, spec, out, env)
+    if spec.eval.hellaswag_limit:
+        _check_hellaswag_fits(engine.module, tokenizer, spec)
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -114,6 +116,18 @@ def _prepare_data(spec: RunSpec, rank: int) -> PreparedData:
     if shared[0]:
         raise DataError(shared[0])
     return prepared if prepared is not None else prepare_data(**kwargs)
+
+
+def _check_hellaswag_fits(model, tokenizer: Tokenizer, spec: RunSpec) -> None:
+    """Every HellaSwag item the evaluations will score fits the training length: found out now, not
+    eval_every steps into training, when the run would stop before that step's checkpoint."""
+    from training.evaluation.lm import EvalError
+    from training.evaluation.tasks import check_hellaswag_fits
+
+    try:
+        check_hellaswag_fits(model, tokenizer, spec.eval.hellaswag_path, spec.eval.hellaswag_limit, spec.data.seq_len)
+    except EvalError as err:
+        raise TrainingError(f"eval.hellaswag_limit={spec.eval.hellaswag_limit}: {err}") from None
 
 
 def _check_min_data(prepared: PreparedData, spec: RunSpec, world_size: int) -> None:

@@ -105,6 +105,27 @@ def hellaswag_requests(docs: list[dict]) -> list[Instance]:
     ]
 
 
+def check_hellaswag_fits(model: nn.Module, tokenizer, path: str | Path, limit: int, max_length: int) -> None:
+    """EvalError unless every ending of the first `limit` HellaSwag items of `path`, tokenized as
+    `hellaswag_accuracy` tokenizes it, fits in `max_length` tokens (a context is left-truncated, an
+    ending cannot be): checked before training, not when the first evaluation stops the run."""
+    docs = hellaswag_docs(path, limit)
+    lm = ZooLM(model=model, tokenizer=tokenizer, max_length=max_length)
+    lengths = {}  # item -> its longest ending, in tokens
+    for request in hellaswag_requests(docs):
+        context, continuation = request.args
+        item = request.metadata[1]
+        lengths[item] = max(lengths.get(item, 0), len(lm._encode_pair(context, continuation)[1]))
+    too_long = [item for item, n in lengths.items() if n > max_length]
+    if too_long:
+        longest = max(lengths.values())
+        fewer = (f"eval.hellaswag_limit <= {too_long[0]} (the items before it fit)" if too_long[0]
+                 else "eval.hellaswag_limit=0 (no HellaSwag)")
+        raise EvalError(f"{len(too_long)} of the first {len(docs)} HellaSwag items have an ending longer than "
+                        f"{max_length} tokens (item {too_long[0]}: {lengths[too_long[0]]}; the longest: {longest}), "
+                        f"which cannot be scored; raise data.seq_len to >= {longest}, or set {fewer}")
+
+
 def multiple_choice_scores(logprobs: list[float], choices: list[str], gold: int) -> tuple[float, float]:
     """(acc, acc_norm) of one item, as lm-eval's multiple-choice process_results: acc_norm divides each
     choice's log-probability by the choice's length in characters (the delimiter not counted); ties go
