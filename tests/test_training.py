@@ -626,6 +626,8 @@ def test_resume_refuses_what_it_cannot_continue_and_keeps_its_ds_config(cache_di
     refused("--set", "train.steps=1", words=["checkpoint is at step 2", "train.steps=1"])  # printed "-1 this run"
     refused("--preset", "dense", words=["drop --preset"])  # was silently ignored
     refused("--tiny", words=["drop --tiny"])
+    # The validation set: val/loss after the resume would be scored on other tokens, on the same curve.
+    refused("--set", "eval.val_batches=1", words=["cannot change eval.val_batches"])
     proc = train(cache_dir, out, "--resume", "--ds-config", str(ROOT / "ds_configs" / "zero1_fp32.json"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -17,8 +17,10 @@ from zoo.overrides import apply_sets, diff
 from zoo.specs import RunSpec
 
 DEFAULT_PRESET = "deepseek_glm4"
-# Fields a resumed run may change: budget and reporting, never the model, data or optimisation.
-RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last", "eval.")
+# Fields a resumed run may change: budget and reporting, never the model, data or optimisation, nor the
+# validation set (one val/loss curve would mix two). HellaSwag may be switched on for a final score.
+RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last",
+             "eval.hellaswag_limit", "eval.hellaswag_path")
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
@@ -36,7 +38,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
         flags = " and ".join(flag for flag, given in (("--preset", args.preset is not None), ("--tiny", args.tiny))
                              if given)
         raise TrainingError(f"--resume continues the run saved in {out / 'spec.json'}: drop {flags} "
-                            "(only --set of budget and eval fields may change)")
+                            "(only --set of budget, reporting and HellaSwag fields may change)")
     saved = out / "spec.json"
     if not saved.is_file() or not checkpoints.latest_tag(out):
         unfinished = checkpoints.incomplete_tags(out)
