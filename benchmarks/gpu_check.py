@@ -2,7 +2,8 @@
 
 Sections (each fails on its own, with one line, and the rest still run):
   env       device, driver-visible memory, torch and CUDA versions
-  matmul    bf16 dense matmul TFLOP/s, 8192^3, mean of timed reps after warm-up (CUDA events)
+  matmul    bf16 dense matmul TFLOP/s, 8192^3, mean of timed reps after warm-up (host clock between
+            device synchronizations)
   flash     SDPA's FLASH_ATTENTION backend on our MHA/GQA/MLA blocks (bf16, forward + backward):
             which shapes it accepts, which backend runs by default, agreement with the math backend
             and an fp32 reference, timings; for MLA with qk dim != v dim also the padded-v variant
@@ -94,7 +95,7 @@ def section_pytest(args) -> None:
     tail = [line for line in proc.stdout.splitlines() if line.strip()]
     for line in tail[-15:]:
         say("      " + line)
-    summary = tail[-1] if tail else proc.stderr.strip().splitlines()[-1:]
+    summary = (tail or proc.stderr.strip().splitlines() or ["no output"])[-1]
     note(f"pytest {' '.join(files)}: exit {proc.returncode}: {summary}")
 
 

@@ -83,7 +83,6 @@ def build_attention(spec):
 
 def run_attention(block, x, g, backends):
     """Forward + backward under `backends` (None: default choice); returns (out, grads) or raises."""
-    import torch
     from torch.nn.attention import sdpa_kernel
 
     block.zero_grad(set_to_none=True)
@@ -110,10 +109,10 @@ def section_flash(args) -> None:
     for label, spec in attention_cases():
         try:
             att = spec.model.attention
+            torch.manual_seed(0)  # before the build: the weights, not only x and g, are the same every run
             block32 = build_attention(spec).to(common.DEV)
             block = copy.deepcopy(block32).to(torch.bfloat16)
             module = sdpa_mod
-            torch.manual_seed(0)
             x = torch.randn(B, T, spec.model.d_model, device=common.DEV)
             g = torch.randn(B, T, spec.model.d_model, device=common.DEV)
             if att.kind == "mla":
@@ -159,7 +158,7 @@ def section_flash(args) -> None:
                         continue
                 err_out = rel_err(out, ref_out)
                 err_grad = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
-                ms = cuda_time_ms(lambda b=backends: run_attention(block, xb, gb, b), warmup=2, reps=5)
+                ms = cuda_time_ms(lambda b=backends, m=block: run_attention(m, xb, gb, b), warmup=2, reps=5)
                 ok = err_out < BF16_TOL and err_grad < BF16_TOL
                 results[name] = ("ok" if ok else "MISMATCH", f"rel err out {err_out:.1e} grads {err_grad:.1e} (vs fp32 math); fwd+bwd {ms:.2f} ms")
             if att.kind == "mla" and att.qk_nope_head_dim + att.qk_rope_head_dim != att.v_head_dim:
@@ -168,7 +167,8 @@ def section_flash(args) -> None:
                         out, grads = run_attention(block, xb, gb, [SDPBackend.FLASH_ATTENTION])
                         err_out = rel_err(out, ref_out)
                         err_grad = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads)
-                        ms = cuda_time_ms(lambda: run_attention(block, xb, gb, [SDPBackend.FLASH_ATTENTION]), warmup=2, reps=5)
+                        ms = cuda_time_ms(lambda m=block: run_attention(m, xb, gb, [SDPBackend.FLASH_ATTENTION]),
+                                          warmup=2, reps=5)
                     ok = err_out < BF16_TOL and err_grad < BF16_TOL
                     results["flash+pad v"] = ("ok" if ok else "MISMATCH",
                                               f"rel err out {err_out:.1e} grads {err_grad:.1e}; fwd+bwd {ms:.2f} ms")

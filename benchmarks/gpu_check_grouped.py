@@ -22,38 +22,32 @@ def routing(T, E, K, device, active_experts=None, seed=0):
     return weights, experts
 
 
-def dispatch_call(moe_mod, grouped: bool, x, w, ex, gu, dn, gy):
-    """Forward + backward of dropless_dispatch; grouped=False forces the per-expert loop."""
-    saved = moe_mod._grouped_mm_available
-    if not grouped:
-        moe_mod._grouped_mm_available = lambda t: False
-    try:
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, gu, dn)]
-        y, counts = moe_mod.dropless_dispatch(leaves[0], leaves[1], ex, leaves[2], leaves[3])
-        if gy is not None:
-            y.backward(gy)
-        return y.detach(), [t.grad for t in leaves] if gy is not None else None, counts
-    finally:
-        moe_mod._grouped_mm_available = saved
+# Each timed path and the dropless_dispatch impl it runs, named exactly: "auto" would fall back to
+# the loop where the widths miss grouped_mm's alignment (and on CPU pick padded_bmm), timing the
+# loop under grouped's name. torch._grouped_mm has a CPU kernel too, so --cpu-smoke runs the same path.
+PATHS = {"grouped": "grouped_mm", "loop": "loop"}
 
 
-def time_dispatch(moe_mod, grouped, x, w, ex, gu, dn, gy, backward):
+def dispatch_call(moe_mod, impl: str, x, w, ex, gu, dn, gy):
+    """Forward + backward of dropless_dispatch with `impl` (grouped_mm, loop, padded_bmm)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, gu, dn)]
+    y, counts = moe_mod.dropless_dispatch(leaves[0], leaves[1], ex, leaves[2], leaves[3], impl=impl)
+    if gy is not None:
+        y.backward(gy)
+    return y.detach(), [t.grad for t in leaves] if gy is not None else None, counts
+
+
+def time_dispatch(moe_mod, impl: str, x, w, ex, gu, dn, gy, backward):
     import torch
 
-    saved = moe_mod._grouped_mm_available
-    if not grouped:
-        moe_mod._grouped_mm_available = lambda t: False
-    try:
-        leaves = [t.detach().clone().requires_grad_(backward) for t in (x, w, gu, dn)]
+    leaves = [t.detach().clone().requires_grad_(backward) for t in (x, w, gu, dn)]
 
-        def step():
-            y, _ = moe_mod.dropless_dispatch(leaves[0], leaves[1], ex, leaves[2], leaves[3])
-            if backward:
-                torch.autograd.backward(y, gy)
+    def step():
+        y, _ = moe_mod.dropless_dispatch(leaves[0], leaves[1], ex, leaves[2], leaves[3], impl=impl)
+        if backward:
+            torch.autograd.backward(y, gy)
 
-        return cuda_time_ms(step, warmup=3, reps=10)
-    finally:
-        moe_mod._grouped_mm_available = saved
+    return cuda_time_ms(step, warmup=3, reps=10)
 
 
 def section_grouped(args) -> None:
@@ -81,16 +75,16 @@ def section_grouped(args) -> None:
             gu = torch.randn(E, 2 * Fh, D, device=dev) * D**-0.5
             dn = torch.randn(E, D, Fh, device=dev) * Fh**-0.5
             gy = torch.randn(T, D, device=dev)
-            ref_y, ref_g, counts = dispatch_call(moe_mod, False, x, w, ex, gu, dn, gy)  # fp32: loop path
+            ref_y, ref_g, counts = dispatch_call(moe_mod, "loop", x, w, ex, gu, dn, gy)  # the fp32 reference
             bf = [t.to(torch.bfloat16) for t in (x, w, gu, dn, gy)]
             errs = {}
-            for path, grouped in (("grouped", True), ("loop", False)):
-                y, grads, _ = dispatch_call(moe_mod, grouped, bf[0], bf[1], ex, bf[2], bf[3], bf[4])
+            for path, impl in PATHS.items():
+                y, grads, _ = dispatch_call(moe_mod, impl, bf[0], bf[1], ex, bf[2], bf[3], bf[4])
                 errs[path] = [rel_err(y, ref_y)] + [rel_err(a, b) for a, b in zip(grads, ref_g)]
                 errs[path] = dict(zip(("y", "dx", "dweights", "dgate_up", "ddown"), errs[path]))
             # grouped vs loop directly (both bf16)
-            yg, gg, _ = dispatch_call(moe_mod, True, bf[0], bf[1], ex, bf[2], bf[3], bf[4])
-            yl, gl, _ = dispatch_call(moe_mod, False, bf[0], bf[1], ex, bf[2], bf[3], bf[4])
+            yg, gg, _ = dispatch_call(moe_mod, PATHS["grouped"], bf[0], bf[1], ex, bf[2], bf[3], bf[4])
+            yl, gl, _ = dispatch_call(moe_mod, PATHS["loop"], bf[0], bf[1], ex, bf[2], bf[3], bf[4])
             direct = dict(zip(names, [rel_err(yg, yl)] + [rel_err(a, b) for a, b in zip(gg, gl)]))
             worst_g = max(errs["grouped"].values())
             worst_l = max(errs["loop"].values())
@@ -105,9 +99,9 @@ def section_grouped(args) -> None:
             A = T * K
             flops_fwd = 6 * A * D * Fh
             t = {}
-            for path, grouped in (("grouped", True), ("loop", False)):
-                t[path] = (time_dispatch(moe_mod, grouped, *bf[:2], ex, *bf[2:4], bf[4], False),
-                           time_dispatch(moe_mod, grouped, *bf[:2], ex, *bf[2:4], bf[4], True))
+            for path, impl in PATHS.items():
+                t[path] = (time_dispatch(moe_mod, impl, *bf[:2], ex, *bf[2:4], bf[4], False),
+                           time_dispatch(moe_mod, impl, *bf[:2], ex, *bf[2:4], bf[4], True))
             note(f"grouped [{label}] timings bf16: grouped fwd {t['grouped'][0]:.2f} ms, fwd+bwd {t['grouped'][1]:.2f} ms "
                  f"({flops_fwd * 3 / (t['grouped'][1] * 1e-3) / 1e12:.0f} TFLOP/s expert matmuls); loop fwd "
                  f"{t['loop'][0]:.2f} ms, fwd+bwd {t['loop'][1]:.2f} ms; speed-up fwd+bwd {t['loop'][1] / t['grouped'][1]:.1f}x")

@@ -85,10 +85,60 @@ def _datasets_stub_dir() -> str | None:
     return str(stub.parent)
 
 
+# A progress line as training/observe.py prints it off a terminal with trainer.py's postfix:
+# "step 5/40 loss 6.000 tok/s 140,000 mfu 9.5%"; mfu is training/mfu.py's format_mfu: "n/a" without a
+# peak, "106.7%!" above it.
+STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([\d.]+) tok/s ([\d,]+) mfu (n/a|([\d.]+)%!?)")
+
+
+def read_lines(proc, deadline: float) -> tuple[list[str], bool]:
+    """proc's stdout lines, echoed as they come, until it closes or the perf_counter `deadline`;
+    then (lines, timed out). A thread reads, so a partial line (readline() waits for its end)
+    cannot hold the deadline: at the deadline proc's process group is killed, which ends the pipe."""
+    import queue
+    import signal
+    import threading
+
+    assert proc.stdout is not None
+    got: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            got.put(line)
+        got.put(None)  # end of output
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    lines, timed_out = [], False
+    try:
+        while True:
+            try:
+                line = got.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                timed_out = True
+                break
+            if line is None:
+                break
+            lines.append(line.rstrip())
+            if line.strip():
+                say("    | " + line.rstrip()[:400])
+    finally:
+        if timed_out or proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL if timed_out else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    if timed_out:  # what the reader still held (a partial line) comes once the kill closes the pipe
+        reader.join(timeout=10)
+        while not got.empty():
+            line = got.get()
+            if line is not None:
+                lines.append(line.rstrip())
+    return lines, timed_out
+
+
 def section_train(args) -> None:
     import json
-
-    import torch
 
     from training.mfu import format_mfu
 
@@ -115,60 +165,33 @@ def section_train(args) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ZOO_CACHE": os.environ.get("ZOO_CACHE", "/tmp/gpu_check_zoo_cache")}
     stub = _datasets_stub_dir()
     env["PYTHONPATH"] = os.pathsep.join(([stub] if stub else []) + [repo_pythonpath()])
-    lines: list[str] = []
     poller = GpuPoller()
     poller.start()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    timed_out = False
     try:
-        assert proc.stdout is not None
-        deadline = start + args.train_timeout
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while True:
-            if time.perf_counter() > deadline:
-                timed_out = True
-                break
-            if not sel.select(timeout=1.0):
-                if proc.poll() is not None:
-                    break
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            line = line.rstrip()
-            lines.append(line)
-            if line.strip():
-                say("    | " + line[:400])
+        lines, timed_out = read_lines(proc, start + args.train_timeout)
     finally:
-        if timed_out or proc.poll() is None:
-            import signal
-
-            try:
-                os.killpg(proc.pid, signal.SIGTERM if not timed_out else signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         code = proc.wait()
         poller.stop()
     wall = time.perf_counter() - start
     steps = []
     for line in lines:
-        m = re.search(r"step (\d+)/(\d+) loss ([\d.]+) tok/s ([\d,]+) mfu ([\d.]+)%", line)
+        m = STEP_LINE.search(line)
         if m:
-            steps.append((int(m[1]), float(m[3]), float(m[4].replace(",", "")), float(m[5])))
+            utilisation = None if m[5] == "n/a" else float(m[6]) / 100
+            steps.append((int(m[1]), float(m[3]), float(m[4].replace(",", "")), utilisation))
     status = "TIMED OUT" if timed_out else f"exit {code}"
     if steps:
         steady = [s for s in steps if s[0] > 1] or steps
         tps = statistics.median(s[2] for s in steady)
-        mfu = statistics.median(s[3] for s in steady)
+        measured = [s[3] for s in steady if s[3] is not None]  # none where the trainer had no peak
+        mfu = statistics.median(measured) if measured else None
         note(f"train{' (compile)' if args.compile else ''}: {status} after {wall:.0f} s; logged steps "
-             + ", ".join(f"{s[0]}: {s[2]:,.0f} tok/s {format_mfu(s[3] / 100)}" for s in steps))
+             + ", ".join(f"{s[0]}: {s[2]:,.0f} tok/s {format_mfu(s[3])}" for s in steps))
         note(f"train{' (compile)' if args.compile else ''}: median over logged steps > 1: {tps:,.0f} tokens/s, "
-             f"MFU {format_mfu(mfu / 100)} "
+             f"MFU {format_mfu(mfu)} "
              f"(trainer's figures; loss {steps[0][1]:.2f} -> {steps[-1][1]:.2f})")
     else:
         errs = [line for line in lines if "error" in line.lower() or "Error" in line][-3:]

@@ -348,3 +348,127 @@ def test_gpu_check_trainstep_section_reads_the_benchmarks_json(monkeypatch, tmp_
         "trainstep: zoo / transformers speed 4.00x",
         f"trainstep profile ({profile}): zoo bf16: 2 train steps, 323.3 ms wall under the profiler",
     ]
+
+
+def _fake_trainer(monkeypatch, gpu_check_train, code: str) -> None:
+    """training/run.py replaced by `python -c code`; other commands (the `import datasets` probe) run."""
+    import zoo.describe
+
+    real_popen = subprocess.Popen
+
+    def popen(cmd, **kwargs):
+        return real_popen([sys.executable, "-c", code] if cmd[1:2] == ["training/run.py"] else cmd, **kwargs)
+
+    monkeypatch.setattr(gpu_check_train.subprocess, "Popen", popen)
+    monkeypatch.setattr(zoo.describe, "describe", lambda spec, seq_len: {"total_params": 509e6, "active_params": 99e6,
+                                                                         "flops_per_token": 224e6})
+
+
+@pytest.mark.parametrize("logged,per_step,median", [
+    ([(1, 8.51, 351.0, None), (5, 6.0, 140_000.0, None), (10, 4.32, 120_000.0, None)],  # no peak: `mfu n/a`
+     "1: 351 tok/s n/a, 5: 140,000 tok/s n/a, 10: 120,000 tok/s n/a", "n/a"),
+    ([(1, 8.51, 351.0, 0.5), (5, 6.0, 140_000.0, 1.067), (10, 4.32, 120_000.0, 1.2)],  # above the peak: `106.7%!`
+     "1: 351 tok/s 50.0%, 5: 140,000 tok/s 106.7%!, 10: 120,000 tok/s 120.0%!", "113.3%!"),
+], ids=["mfu-n/a", "mfu-above-peak"])
+def test_gpu_check_train_section_reads_steps_without_an_mfu_figure(monkeypatch, tmp_path, logged, per_step, median):
+    """The step regex wanted `mfu <number>%`: a trainer without a peak prints `mfu n/a`, and those steps
+    were reported as "no step logged"."""
+    from benchmarks import gpu_check_common, gpu_check_train
+
+    log = "".join(_trainer_progress_line(s, 10, loss, tps, u) for s, loss, tps, u in logged)
+    _fake_trainer(monkeypatch, gpu_check_train, f"import sys; sys.stdout.write({log!r})")
+    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
+    gpu_check_train.section_train(argparse.Namespace(micro_batch=2, train_steps=10, compile=False,
+                                                     train_out=str(tmp_path / "run"), train_timeout=60))
+    steps, summary = [n for n in gpu_check_common.RESULTS if n.startswith("train: ")][:2]
+    assert steps.endswith("logged steps " + per_step), steps
+    assert summary == f"train: median over logged steps > 1: 130,000 tokens/s, MFU {median} " \
+                      "(trainer's figures; loss 8.51 -> 4.32)"
+
+
+def test_gpu_check_train_timeout_holds_on_a_partial_line(monkeypatch, tmp_path):
+    """The timeout was checked between lines: a trainer that printed half a line and hung kept readline()
+    waiting past --train-timeout, until it exited on its own."""
+    import time
+
+    from benchmarks import gpu_check_common, gpu_check_train
+
+    hang = 20  # seconds the fake trainer sleeps after its partial line; the timeout is 2
+    _fake_trainer(monkeypatch, gpu_check_train,
+                  f"import sys, time; sys.stdout.write('step 1/10 loss'); sys.stdout.flush(); time.sleep({hang})")
+    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
+    start = time.perf_counter()
+    gpu_check_train.section_train(argparse.Namespace(micro_batch=2, train_steps=10, compile=False,
+                                                     train_out=str(tmp_path / "run"), train_timeout=2))
+    assert time.perf_counter() - start < hang / 2
+    status = [n for n in gpu_check_common.RESULTS if n.startswith("train: ")][0]
+    assert status.startswith("train: TIMED OUT after ") and status.endswith("last lines: step 1/10 loss"), status
+
+
+def test_gpu_check_pytest_note_is_a_string_when_pytest_prints_nothing(monkeypatch):
+    """With pytest's stdout empty the note printed stderr's last line as a list: `exit 1: ['...']`."""
+    from benchmarks import gpu_check, gpu_check_common
+
+    outputs = iter([("", "Traceback (most recent call last):\nImportError: no module named pytest\n"), ("", "")])
+
+    def fake_pytest(cmd, **kwargs):
+        out, err = next(outputs)
+        return subprocess.CompletedProcess(cmd, 1, out, err)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_pytest)
+    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
+    args = argparse.Namespace(pytest_timeout=60)
+    gpu_check.section_pytest(args)
+    gpu_check.section_pytest(args)
+    assert [n.split(": exit ")[1] for n in gpu_check_common.RESULTS] == [
+        "1: ImportError: no module named pytest", "1: no output"]
+
+
+def test_gpu_check_flash_seeds_the_first_cases_weights(monkeypatch):
+    """torch.manual_seed(0) ran after the block was built: the first case's weights (and so its error
+    figures) depended on whatever had drawn from the generator before, and varied run to run."""
+    from benchmarks import gpu_check_attention, gpu_check_common
+
+    first = gpu_check_attention.attention_cases()[0]
+    monkeypatch.setattr(gpu_check_attention, "attention_cases", lambda: [first])
+    built, build = [], gpu_check_attention.build_attention
+
+    def build_and_stop(spec):  # the weights are all this test needs: the case stops there
+        built.append([p.detach().clone() for p in build(spec).parameters()])
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(gpu_check_attention, "build_attention", build_and_stop)
+    monkeypatch.setattr(gpu_check_common, "DEV", "cpu")
+    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
+    for seed in (1, 2):  # two different histories of the generator before the section
+        torch.manual_seed(seed)
+        gpu_check_attention.section_flash(argparse.Namespace())
+    assert len(built) == 2
+    for a, b in zip(*built):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_gpu_check_grouped_times_the_implementation_it_names(monkeypatch):
+    """The "grouped" path called dropless_dispatch with impl="auto", which falls back to the loop where
+    the widths miss grouped_mm's alignment (and picks padded_bmm on CPU), and forced the loop by patching
+    the private `_grouped_mm_available`. Each path now names its impl; fp32's reference is the loop."""
+    import zoo.blocks.moe as moe_mod
+    from benchmarks import gpu_check_common, gpu_check_grouped
+
+    impls = []
+    real = moe_mod.dropless_dispatch
+
+    def spy(*args, **kwargs):
+        impls.append((kwargs.get("impl", "auto"), args[0].dtype))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(moe_mod, "dropless_dispatch", spy)
+    monkeypatch.setattr(moe_mod, "_grouped_mm_available", lambda x: pytest.fail("_grouped_mm_available consulted"))
+    monkeypatch.setattr(gpu_check_grouped, "cuda_time_ms", lambda fn, warmup, reps: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_check_common, "DEV", "cpu")
+    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
+    gpu_check_grouped.section_grouped(argparse.Namespace())
+    assert not any("FAILED" in n for n in gpu_check_common.RESULTS), gpu_check_common.RESULTS
+    assert {impl for impl, dtype in impls if dtype == torch.float32} == {"loop"}
+    assert {impl for impl, dtype in impls if dtype == torch.bfloat16} == {"grouped_mm", "loop"}
+    assert all("EQUAL" in n for n in gpu_check_common.RESULTS if "tol" in n)
