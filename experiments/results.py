@@ -19,6 +19,7 @@ from pathlib import Path
 
 from experiments.base import Experiment
 from experiments.runner import RUN_RECORD, Run
+from zoo.specs import RunSpec
 
 MOE_MAX_VIO = re.compile(r"moe/layer_(\d+)/max_vio$")
 MOE_LOAD = re.compile(r"moe_load/layer_(\d+)/expert_(\d+)$")
@@ -57,6 +58,7 @@ class RunResult:
     values: dict[str, float]  # the row of results.csv
     curves: dict[str, dict[int, float]]  # {tag: {tokens: value}} for plots
     expert_share: dict[int, list[float]] = field(default_factory=dict)  # {layer: final share per expert}
+    precision: str | None = None  # the train.precision it trained in (spec.json: auto resolved by its device)
 
 
 def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
@@ -97,7 +99,9 @@ def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
         if vio:
             curves["max_vio"] = vio
         curves = {tag: {step * tokens_per_step: v for step, v in curve.items()} for tag, curve in curves.items()}
-        results.append(RunResult(run.variant, run.seed, values, curves, _final_shares(scalars)))
+        saved = run.source / "spec.json"
+        precision = RunSpec.model_validate_json(saved.read_text()).train.precision if saved.is_file() else None
+        results.append(RunResult(run.variant, run.seed, values, curves, _final_shares(scalars), precision))
     return results
 
 

@@ -17,7 +17,7 @@ spec.json: bf16 where the device computes it natively, else fp32 (training/preci
 whose spec asked auto is the run if it trained in either, whichever machine trained it: a finished run
 trained in bf16 on a GPU is reported as it is on a CPU-only machine, and an unfinished one resumes in the
 precision it began in (slow on a CPU without bf16 instructions; the trainer warns). An explicit precision
-must match.
+must match. The table says which precision the runs trained in, so a mixed experiment shows.
 """
 
 from __future__ import annotations

@@ -127,6 +127,19 @@ def test_pivot_table_takes_the_best_over_the_other_fields():
 
 
 
+def test_the_table_says_which_precision_the_runs_trained_in():
+    """Runs asking train.precision=auto take the precision of the machine that trained them."""
+    from dataclasses import replace
+
+    from experiments.report import table_markdown
+
+    exp4 = EXPERIMENTS["exp4"]
+    same = [replace(_result(v, 0, 3.0), precision="bf16") for v in exp4.variants]
+    assert "307,200 training tokens per run in bf16; seeds" in table_markdown(exp4, same)
+    mixed = [*same[:-1], replace(same[-1], precision="fp32")]
+    assert "per run in mixed precisions (bf16: 2 runs, fp32: 1 run); seeds" in table_markdown(exp4, mixed)
+
+
 # ------------------------------------------------------------------------------------------ smoke
 
 
@@ -149,6 +162,7 @@ def test_smoke_writes_every_variant(name, smoke_env, tmp_path, monkeypatch):
     assert all(float(r["val_loss"]) > 0 and int(r["tokens"]) == tokens for r in rows)
     table = (folder / "table.md").read_text()
     assert "SMOKE" in table and all(f"| {v} |" in table for v in experiment.variants)
+    assert f"per run in {experiment.smoke_budget.precision}; " in table
     assert (folder / "val_loss.png").stat().st_size > 0
     assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == sorted(experiment.variants)
     moe = any(experiment.spec(v, 0).model.ffn.kind == "moe" for v in experiment.variants)
