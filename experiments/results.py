@@ -229,10 +229,15 @@ def _signed(s: Stat | None) -> str:
 
 def pivot_table(results: list[RunResult], rows: str, cols: str, column: str = "val_loss",
                 fmt: str = "{:.3f}") -> str:
-    """A grid of the mean of `column` over runs, rows x cols (field paths), the best over the rest."""
-    cells: dict[tuple, list[float]] = defaultdict(list)
+    """A grid rows x cols (field paths) of `column`: each variant's mean over its seeds, and in each cell the
+    lowest of those means (the cell's variants differ in the other fields, e.g. a swept learning rate).
+    The mean first: a minimum over seeds as well would pick the luckiest seed, not the best setting."""
+    seeds: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
-        cells[(r.values[rows], r.values[cols])].append(r.values[column])
+        seeds[(r.values[rows], r.values[cols], r.variant)].append(r.values[column])
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for (rv, cv, _), values in seeds.items():
+        cells[(rv, cv)].append(statistics.fmean(values))
     row_values = sorted({k[0] for k in cells})
     col_values = sorted({k[1] for k in cells})
     lines = [f"| {rows} \\ {cols} | " + " | ".join(map(str, col_values)) + " |",
