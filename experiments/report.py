@@ -62,8 +62,8 @@ def table_markdown(experiment: Experiment, results: list[RunResult], *, smoke: b
             markdown_table(results, experiment.metrics, reference=reference, extra=extra), ""]
     if len(experiment.groups) == 2:
         rows, cols = experiment.groups
-        text += [f"Best over {experiment.sweep} of the final validation loss (each variant's mean over seeds) "
-                 f"per {rows} x {cols}:", "",
+        text += [(f"Best over {experiment.sweep} of the final validation loss (each variant's mean over seeds) "
+                  f"per {rows} x {cols}:"), "",
                  pivot_table(results, rows, cols), ""]
     return "\n".join(text)
 
