@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from experiments import plots
@@ -56,14 +57,25 @@ def table_markdown(experiment: Experiment, results: list[RunResult], *, smoke: b
     extra = tuple(p for p in (*experiment.groups, experiment.sweep) if p)
     text = [f"# {experiment.name}: {experiment.title}{' (SMOKE: not a result)' if smoke else ''}", "",
             f"{budget.steps} steps x {budget.micro_batch_size} x {scale.seq_len} tokens = "
-            f"{budget.tokens(scale.seq_len):,} training tokens per run; "
+            f"{budget.tokens(scale.seq_len):,} training tokens per run{_precisions(results)}; "
             f"seeds {list(experiment.seeds_for(smoke))}; mean ± std over seeds (sample std).", "",
             markdown_table(results, experiment.metrics, reference=reference, extra=extra), ""]
     if len(experiment.groups) == 2:
         rows, cols = experiment.groups
-        text += [f"Best final validation loss over {experiment.sweep} per {rows} x {cols}:", "",
+        text += [(f"Best over {experiment.sweep} of the final validation loss (each variant's mean over seeds) "
+                  f"per {rows} x {cols}:"), "",
                  pivot_table(results, rows, cols), ""]
     return "\n".join(text)
+
+
+def _precisions(results: list[RunResult]) -> str:
+    """`in bf16`, or each precision with its run count when they differ: runs asking train.precision=auto
+    that trained on different machines (experiments/runner.py) are not strictly comparable."""
+    counts = Counter(r.precision for r in results if r.precision)
+    if len(counts) <= 1:
+        return "".join(f" in {p}" for p in counts)
+    return " in mixed precisions (" + ", ".join(f"{p}: {n} run{'s' if n > 1 else ''}"
+                                                for p, n in sorted(counts.items())) + ")"
 
 
 def write_tensorboard(experiment: Experiment, runs: list[Run], results: list[RunResult], out: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from experiments.base import Experiment
 from experiments.runner import RUN_RECORD, Run
+from zoo.specs import RunSpec
 
 MOE_MAX_VIO = re.compile(r"moe/layer_(\d+)/max_vio$")
 MOE_LOAD = re.compile(r"moe_load/layer_(\d+)/expert_(\d+)$")
@@ -57,6 +58,7 @@ class RunResult:
     values: dict[str, float]  # the row of results.csv
     curves: dict[str, dict[int, float]]  # {tag: {tokens: value}} for plots
     expert_share: dict[int, list[float]] = field(default_factory=dict)  # {layer: final share per expert}
+    precision: str | None = None  # the train.precision it trained in (spec.json: auto resolved by its device)
 
 
 def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
@@ -97,7 +99,9 @@ def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
         if vio:
             curves["max_vio"] = vio
         curves = {tag: {step * tokens_per_step: v for step, v in curve.items()} for tag, curve in curves.items()}
-        results.append(RunResult(run.variant, run.seed, values, curves, _final_shares(scalars)))
+        saved = run.source / "spec.json"
+        precision = RunSpec.model_validate_json(saved.read_text()).train.precision if saved.is_file() else None
+        results.append(RunResult(run.variant, run.seed, values, curves, _final_shares(scalars), precision))
     return results
 
 
@@ -225,10 +229,15 @@ def _signed(s: Stat | None) -> str:
 
 def pivot_table(results: list[RunResult], rows: str, cols: str, column: str = "val_loss",
                 fmt: str = "{:.3f}") -> str:
-    """A grid of the mean of `column` over runs, rows x cols (field paths), the best over the rest."""
-    cells: dict[tuple, list[float]] = defaultdict(list)
+    """A grid rows x cols (field paths) of `column`: each variant's mean over its seeds, and in each cell the
+    lowest of those means (the cell's variants differ in the other fields, e.g. a swept learning rate).
+    The mean first: a minimum over seeds as well would pick the luckiest seed, not the best setting."""
+    seeds: dict[tuple, list[float]] = defaultdict(list)
     for r in results:
-        cells[(r.values[rows], r.values[cols])].append(r.values[column])
+        seeds[(r.values[rows], r.values[cols], r.variant)].append(r.values[column])
+    cells: dict[tuple, list[float]] = defaultdict(list)
+    for (rv, cv, _), values in seeds.items():
+        cells[(rv, cv)].append(statistics.fmean(values))
     row_values = sorted({k[0] for k in cells})
     col_values = sorted({k[1] for k in cells})
     lines = [f"| {rows} \\ {cols} | " + " | ".join(map(str, col_values)) + " |",

@@ -11,6 +11,13 @@ HellaSwag, when the budget asks for it, is scored on the final model only: the r
 second-to-last step (`--stop-after`) and is resumed with HellaSwag switched on, so the last step's
 evaluation scores it. Resuming continues exactly, so the run is the same as one uninterrupted run;
 the trainer would otherwise score HellaSwag at every validation step.
+
+`train.precision=auto` (the budgets' default) is resolved by the trainer, per device, before it saves
+spec.json: bf16 where the device computes it natively, else fp32 (training/precision.py). A run folder
+whose spec asked auto is the run if it trained in either, whichever machine trained it: a finished run
+trained in bf16 on a GPU is reported as it is on a CPU-only machine, and an unfinished one resumes in the
+precision it began in (slow on a CPU without bf16 instructions; the trainer warns). An explicit precision
+must match. The table says which precision the runs trained in, so a mixed experiment shows.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from pathlib import Path
 
 from experiments.base import Experiment
 from training import checkpoints
-from zoo.overrides import diff
+from training.precision import AUTO_CHOICES
+from zoo.overrides import diff, with_changes
 from zoo.specs import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +146,8 @@ def find_identical(runs_root: Path, spec: RunSpec) -> Path | None:
     """A finished run anywhere under `runs_root` that trained exactly this spec (HellaSwag aside)."""
     for saved in sorted(runs_root.glob("*/*/*/spec.json")):
         other = _saved_spec(saved.parent)
-        if other is not None and _without_hellaswag(other) == spec and is_finished(saved.parent, other):
+        if (other is not None and _without_hellaswag(other) == _as_trained(spec, other)
+                and is_finished(saved.parent, other)):
             return saved.parent
     return None
 
@@ -252,15 +261,26 @@ def _saved_spec(out: Path) -> RunSpec | None:
 
 
 def _without_hellaswag(spec: RunSpec) -> RunSpec:
-    from zoo.overrides import with_changes
-
     return with_changes(spec, {"eval.hellaswag_limit": 0, "eval.hellaswag_path": None})
+
+
+def _as_trained(spec: RunSpec, saved: RunSpec) -> RunSpec:
+    """`spec` as the trainer that wrote `saved` resolved it: `train.precision=auto` becomes the precision
+    the run trained in, when auto can resolve to it (bf16 or fp32, by the device that trained it)."""
+    if spec.train.precision == "auto" and saved.train.precision in AUTO_CHOICES:
+        return with_changes(spec, {"train.precision": saved.train.precision})
+    return spec
 
 
 def _check_same(out: Path, saved: RunSpec, spec: RunSpec, *, allow_eval: bool) -> None:
     """A run folder must hold this very run (its first phase, while `allow_eval`): else stop and say so."""
-    changed = [path for path, _, _ in diff(saved, spec)
+    changed = [path for path, _, _ in diff(saved, _as_trained(spec, saved))
                if not (allow_eval and path.startswith("eval.hellaswag")) and path not in SAVING_CADENCE]
     if changed:
+        why = ""
+        if "train.precision" in changed:
+            allowed = (f"auto, which trains in {' or '.join(AUTO_CHOICES)} by device" if spec.train.precision == "auto"
+                       else spec.train.precision)
+            why = f"; it trained in {saved.train.precision}, this run asks {allowed}"
         raise RunFailed(f"{out} holds a run with a different spec ({', '.join(changed[:5])}"
-                        f"{', ...' if len(changed) > 5 else ''}): delete that folder, or pass another --runs")
+                        f"{', ...' if len(changed) > 5 else ''}{why}): delete that folder, or pass another --runs")

@@ -126,6 +126,39 @@ def test_pivot_table_takes_the_best_over_the_other_fields():
     assert pivot_table(results, "e", "k").splitlines()[2:] == ["| 4 | 3.400 |", "| 8 | 3.300 |"]
 
 
+def test_pivot_table_averages_seeds_before_taking_the_best():
+    """The best mean over seeds, not the luckiest seed: e4's lr1 has the lowest single run (3.0) but the
+    higher mean (3.4 against lr2's 3.3). The minimum over seeds and sweep alike showed 3.000."""
+    results = [_result(f"e{e}_k1_lr{lr}", seed, loss, e=e, k=1)
+               for e, lr, seed, loss in [(4, 1, 0, 3.0), (4, 1, 1, 3.8), (4, 2, 0, 3.25), (4, 2, 1, 3.35),
+                                         (8, 1, 0, 3.1), (8, 1, 1, 3.3)]]
+    assert pivot_table(results, "e", "k").splitlines()[2:] == ["| 4 | 3.300 |", "| 8 | 3.200 |"]
+
+
+def test_the_pivot_heading_says_it_is_the_best_mean():
+    from experiments.report import table_markdown
+
+    exp3 = EXPERIMENTS["exp3"]
+    rows, cols = exp3.groups
+    results = [_result(v, 0, 3.0, **{rows: exp3.sweep_value(v, rows), cols: exp3.sweep_value(v, cols)})
+               for v in exp3.variants]
+    assert (f"Best over {exp3.sweep} of the final validation loss (each variant's mean over seeds) "
+            f"per {rows} x {cols}:") in table_markdown(exp3, results)
+
+
+def test_the_table_says_which_precision_the_runs_trained_in():
+    """Runs asking train.precision=auto take the precision of the machine that trained them."""
+    from dataclasses import replace
+
+    from experiments.report import table_markdown
+
+    exp4 = EXPERIMENTS["exp4"]
+    same = [replace(_result(v, 0, 3.0), precision="bf16") for v in exp4.variants]
+    assert "307,200 training tokens per run in bf16; seeds" in table_markdown(exp4, same)
+    mixed = [*same[:-1], replace(same[-1], precision="fp32")]
+    assert "per run in mixed precisions (bf16: 2 runs, fp32: 1 run); seeds" in table_markdown(exp4, mixed)
+
+
 # ------------------------------------------------------------------------------------------ smoke
 
 
@@ -148,6 +181,7 @@ def test_smoke_writes_every_variant(name, smoke_env, tmp_path, monkeypatch):
     assert all(float(r["val_loss"]) > 0 and int(r["tokens"]) == tokens for r in rows)
     table = (folder / "table.md").read_text()
     assert "SMOKE" in table and all(f"| {v} |" in table for v in experiment.variants)
+    assert f"per run in {experiment.smoke_budget.precision}; " in table
     assert (folder / "val_loss.png").stat().st_size > 0
     assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == sorted(experiment.variants)
     moe = any(experiment.spec(v, 0).model.ffn.kind == "moe" for v in experiment.variants)
@@ -171,6 +205,100 @@ def test_finished_runs_are_skipped_and_a_changed_spec_is_refused(smoke_env, tmp_
     spec.write_text(spec.read_text().replace('"steps": 3', '"steps": 4'))
     refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert refused.returncode == 1 and "holds a run with a different spec (train.steps)" in refused.stderr
+
+
+# ------------------------------------------------------------------------------------------ train.precision=auto
+
+
+def _trainer_device():
+    """The device `training/run.py` trains on when the runner starts it (training.engine.init_distributed)."""
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _fake_finished_run(out: Path, spec, precision: str | None = None) -> None:
+    """A run folder as the trainer leaves it, without training: spec.json with train.precision resolved
+    (for this machine, or `precision` as another machine resolved it) and a complete final checkpoint."""
+    from training import checkpoints
+    from training.precision import resolve_precision
+    from zoo.overrides import with_changes
+
+    saved = (resolve_precision(spec, _trainer_device()) if precision is None
+             else with_changes(spec, {"train.precision": precision}))
+    tag = checkpoints.tag_for(spec.train.steps)
+    (out / "checkpoints" / tag).mkdir(parents=True)
+    (out / "checkpoints" / tag / checkpoints.COMPLETE).write_text("")
+    (out / "checkpoints" / checkpoints.LATEST).write_text(tag)
+    (out / "spec.json").write_text(saved.model_dump_json(indent=2) + "\n")
+
+
+@pytest.mark.parametrize("precision", [None, "bf16", "fp32"], ids=["this_machine", "bf16", "fp32"])
+def test_runs_saved_with_precision_auto_resolved_are_finished(precision, tmp_path):
+    """The real budget asks train.precision=auto; the trainer saves bf16 or fp32 in spec.json. The runner
+    compared its unresolved spec with that and refused every finished run ("a different spec
+    (train.precision)"), so `--report` failed and exp1 never reached its HellaSwag phase. A run trained
+    elsewhere, where auto chose the other precision, is that run too."""
+    from experiments import runner
+
+    exp4 = EXPERIMENTS["exp4"]
+    assert exp4.budget.precision == "auto"
+    for name, seed, out in runner.plan(exp4, tmp_path):
+        _fake_finished_run(out, exp4.spec(name, seed), precision)
+    runs = runner.run_experiment(exp4, tmp_path, train=False, log=lambda line: None)  # what --report does
+    assert [run.source for run in runs] == [out for _, _, out in runner.plan(exp4, tmp_path)]
+    name, seed, out = runner.plan(exp4, tmp_path)[0]
+    runner.train_one(exp4, name, seed, out, smoke=False)  # finished: checks the folder, trains nothing
+    assert not (out / runner.LOG).exists()
+
+
+def test_an_identical_run_saved_with_precision_auto_resolved_is_reused(tmp_path):
+    from dataclasses import replace
+
+    from experiments import runner
+
+    exp4 = EXPERIMENTS["exp4"]
+    one = replace(exp4, variants={"sigmoid_bias": exp4.variants["sigmoid_bias"]}, seeds=(0,))
+    donor = tmp_path / "elsewhere" / "same" / "seed0"
+    _fake_finished_run(donor, one.spec("sigmoid_bias", 0))
+    [run] = runner.run_experiment(one, tmp_path, train=False, log=lambda line: None)
+    assert run.source == donor
+
+
+@pytest.mark.parametrize(("asked", "saved"), [("fp32", "bf16"), ("bf16", "fp32"), ("auto", "fp16")])
+def test_a_run_in_a_precision_the_budget_does_not_allow_is_refused(asked, saved, tmp_path):
+    """An explicit precision must match; auto matches what auto can resolve to (bf16, fp32), not fp16."""
+    from dataclasses import replace
+
+    from experiments import runner
+
+    exp4 = EXPERIMENTS["exp4"]
+    one = replace(exp4, variants={"sigmoid_bias": exp4.variants["sigmoid_bias"]}, seeds=(0,),
+                  budget=replace(exp4.budget, precision=asked))
+    [(name, seed, out)] = runner.plan(one, tmp_path)
+    _fake_finished_run(out, one.spec(name, seed), saved)
+    with pytest.raises(runner.RunFailed, match=rf"different spec \(train\.precision; it trained in {saved}, "):
+        runner.run_experiment(one, tmp_path, train=False, log=lambda line: None)
+
+
+@pytest.mark.slow
+def test_a_run_with_precision_auto_trains_through_its_hellaswag_phase(smoke_env, tmp_path, monkeypatch):
+    """The first phase saves spec.json with auto resolved; the runner then refused its own run before the
+    final (HellaSwag) phase. The smoke budget asked fp32 explicitly, which hid it."""
+    from dataclasses import replace
+
+    from experiments import runner
+
+    for key, value in smoke_env.items():
+        monkeypatch.setenv(key, value)
+    exp1 = EXPERIMENTS["exp1"]
+    auto = replace(exp1, variants={"mlp": exp1.variants["mlp"]},
+                   smoke_budget=replace(exp1.smoke_budget, precision="auto"))
+    out = tmp_path / "run"
+    runner.train_one(auto, "mlp", 0, out, smoke=True, concurrent=True)
+    assert runner.is_finished(out, auto.spec("mlp", 0, smoke=True))
+    assert runner._saved_spec(out).train.precision in ("bf16", "fp32")
+    assert list(read_scalars(out)["hellaswag/acc_norm"]) == [auto.smoke_budget.steps]
 
 
 # ------------------------------------------------------------------------------------------ interruptions

@@ -27,6 +27,7 @@ from zoo.overrides import with_changes
 from zoo.specs import RunSpec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+AUTO_CHOICES = ("bf16", "fp32")  # what `auto` resolves to, on some device
 
 
 def resolve_precision(spec: RunSpec, device: torch.device) -> RunSpec:
