@@ -9,6 +9,7 @@ over MoE layers of MaxVio, and mean +- sample std over seeds.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import statistics
@@ -19,7 +20,6 @@ from pathlib import Path
 
 from experiments.base import Experiment
 from experiments.runner import RUN_RECORD, Run
-from zoo.specs import RunSpec
 
 MOE_MAX_VIO = re.compile(r"moe/layer_(\d+)/max_vio$")
 MOE_LOAD = re.compile(r"moe_load/layer_(\d+)/expert_(\d+)$")
@@ -89,8 +89,6 @@ def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
             values["max_vio_mean"] = statistics.fmean(vio.values())
         record = run.source / RUN_RECORD
         if record.is_file():
-            import json
-
             values["wall_s"] = json.loads(record.read_text())["wall_s"]
         for path in (experiment.sweep, *experiment.groups):
             if path:
@@ -100,7 +98,8 @@ def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
             curves["max_vio"] = vio
         curves = {tag: {step * tokens_per_step: v for step, v in curve.items()} for tag, curve in curves.items()}
         saved = run.source / "spec.json"
-        precision = RunSpec.model_validate_json(saved.read_text()).train.precision if saved.is_file() else None
+        # Only the precision: a folder saved by an older zoo may hold a spec this one's rules refuse.
+        precision = json.loads(saved.read_text())["train"]["precision"] if saved.is_file() else None
         results.append(RunResult(run.variant, run.seed, values, curves, _final_shares(scalars), precision))
     return results
 

@@ -36,7 +36,8 @@ from pathlib import Path
 from experiments.base import Experiment
 from training import checkpoints
 from training.precision import AUTO_CHOICES
-from zoo.overrides import diff, with_changes
+from zoo.checkpoint import read_spec
+from zoo.overrides import SpecError, diff, with_changes
 from zoo.specs import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +258,12 @@ def _sets(sets: list[str]) -> list[str]:
 
 def _saved_spec(out: Path) -> RunSpec | None:
     path = out / "spec.json"
-    return RunSpec.model_validate_json(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return read_spec(path)
+    except SpecError as err:
+        raise RunFailed(f"{err}: delete that folder, or pass another --runs") from None
 
 
 def _without_hellaswag(spec: RunSpec) -> RunSpec:

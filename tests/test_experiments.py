@@ -2,6 +2,7 @@
 `python -m experiments expN --smoke` trains every variant through the trainer and writes its results."""
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -279,6 +280,27 @@ def test_a_run_in_a_precision_the_budget_does_not_allow_is_refused(asked, saved,
     _fake_finished_run(out, one.spec(name, seed), saved)
     with pytest.raises(runner.RunFailed, match=rf"different spec \(train\.precision; it trained in {saved}, "):
         runner.run_experiment(one, tmp_path, train=False, log=lambda line: None)
+
+
+def test_a_run_folder_this_zoo_cannot_read_is_one_line(tmp_path):
+    """exp3's top-1 runs were saved with norm_topk_prob=True, which top_k=1 now refuses: --report stopped
+    with a pydantic traceback from deep in the runner."""
+    from dataclasses import replace
+
+    from experiments import runner
+
+    exp4 = EXPERIMENTS["exp4"]
+    one = replace(exp4, variants={"sigmoid_bias": exp4.variants["sigmoid_bias"]}, seeds=(0,))
+    [(name, seed, out)] = runner.plan(one, tmp_path)
+    _fake_finished_run(out, one.spec(name, seed))
+    saved = json.loads((out / "spec.json").read_text())
+    saved["model"]["ffn"]["top_k"] = saved["model"]["ffn"]["n_experts"] + 1
+    (out / "spec.json").write_text(json.dumps(saved))
+    with pytest.raises(runner.RunFailed) as caught:
+        runner.run_experiment(one, tmp_path, train=False, log=lambda line: None)
+    message = str(caught.value)
+    assert "\n" not in message and str(out / "spec.json") in message and "model.ffn" in message, message
+    assert "not a valid run spec for this version of the zoo" in message and "delete that folder" in message
 
 
 @pytest.mark.slow

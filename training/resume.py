@@ -12,8 +12,9 @@ from pathlib import Path
 
 from training import checkpoints
 from training.engine import TrainingError, ds_config_source, lr_factor, resolve_ds_config
+from zoo.checkpoint import read_spec
 from zoo.cli import resolve
-from zoo.overrides import apply_sets, diff
+from zoo.overrides import SpecError, apply_sets, diff
 from zoo.specs import RunSpec
 
 DEFAULT_PRESET = "deepseek_glm4"
@@ -46,9 +47,9 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
         raise TrainingError(f"--resume: {out} holds no complete checkpoint to resume from{why}; start it without "
                             "--resume")
     try:
-        spec = RunSpec.model_validate_json(saved.read_text())
-    except ValueError as err:
-        raise TrainingError(f"--resume: {saved} is not a valid run spec ({str(err).splitlines()[0]})") from None
+        spec = read_spec(saved)
+    except SpecError as err:
+        raise TrainingError(f"--resume: {err}") from None
     edited = apply_sets(spec, args.set)
     changed = [path for path, _, _ in diff(spec, edited) if not path.startswith(RESUMABLE)]
     if changed:

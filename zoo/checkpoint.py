@@ -11,6 +11,7 @@ alone and loads the weights strictly, so a spec/weights mismatch is an error, no
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from zoo.builders import build
-from zoo.overrides import SpecError
+from zoo.overrides import SpecError, validation_message
 from zoo.specs import RunSpec
 from zoo.files import write_atomic
 
@@ -52,6 +53,21 @@ def save_run_folder(
     return run_dir
 
 
+def read_spec(path: str | Path) -> RunSpec:
+    """The RunSpec in a run folder's spec.json; a SpecError in one line naming the file and its first
+    invalid field (a folder saved by an older zoo may hold a spec this one's rules refuse)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError(f"{path}: not a readable run spec ({err})") from None
+    try:
+        return RunSpec.model_validate(data)
+    except ValueError as err:  # pydantic's ValidationError
+        raise SpecError(f"{path}: not a valid run spec for this version of the zoo: "
+                        f"{validation_message(err, data)}") from None
+
+
 def load_run_folder(run_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, RunSpec]:
     """The model (in eval mode, `dtype`) and RunSpec stored in `run_dir` by `save_run_folder`."""
     run_dir = Path(run_dir)
@@ -61,10 +77,7 @@ def load_run_folder(run_dir: str | Path, *, dtype: torch.dtype = torch.float32) 
     for path in (spec_path, weights_path):
         if not path.is_file():
             raise SpecError(f"run folder {run_dir} has no {path.name}: not a run folder (expected {SPEC_FILE} + {WEIGHTS_FILE})")
-    try:
-        spec = RunSpec.model_validate_json(spec_path.read_text())
-    except ValueError as err:
-        raise SpecError(f"{spec_path}: not a valid RunSpec: {str(err).splitlines()[0]}") from None
+    spec = read_spec(spec_path)
     model = build(spec).to(dtype)
     try:
         missing, unexpected = load_model(model, str(weights_path), strict=False)

@@ -54,7 +54,7 @@ def validate(cls: type[S], data: Any) -> S:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_one_line(err, data)) from None
+        raise SpecError(validation_message(err, data)) from None
 
 
 def _edit(spec: S, edits: list[tuple[str, Any, str | None]]) -> S:
@@ -163,7 +163,8 @@ def _prefer_text(annotation: Any, value: Any, text: str | None) -> Any:
     return value
 
 
-def _one_line(err: ValidationError, data: Any) -> str:
+def validation_message(err: ValidationError, data: Any) -> str:
+    """One line: the first invalid field (union tags dropped), what is wrong, the value given."""
     first = err.errors()[0]
     path = _readable_loc(first["loc"], data)
     message = first["msg"].removeprefix("Value error, ")
