@@ -31,7 +31,7 @@ def train_sets(args) -> dict:
         "train.keep_last": 1,
         "train.precision": "bf16",
         "deepspeed.zero_stage": 1,
-        "eval.val_batches": 2,
+        "eval.val_blocks": 2 * args.micro_batch,
     })
     if args.compile:
         sets["train.compile"] = True

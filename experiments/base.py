@@ -108,7 +108,7 @@ class Budget:
     warmup_steps: int
     eval_every: int
     log_every: int
-    val_batches: int
+    val_blocks: int
     precision: str = "auto"
     source: str = CORPUS
     max_documents: int | None = None
@@ -123,7 +123,7 @@ class Budget:
             "train.warmup_steps": self.warmup_steps, "train.eval_every": self.eval_every,
             # A checkpoint at every evaluation: a run killed outright (kill -9, power) loses at most that.
             "train.log_every": self.log_every, "train.ckpt_every": self.eval_every, "train.keep_last": 1,
-            "train.precision": self.precision, "eval.val_batches": self.val_batches,
+            "train.precision": self.precision, "eval.val_blocks": self.val_blocks,
             "data.source": self.source, "data.max_documents": self.max_documents,
             "data.tokenizer_sample_chars": self.tokenizer_sample_chars,
             "eval.hellaswag_limit": limit, "eval.hellaswag_path": HELLASWAG if limit else None,
@@ -134,7 +134,7 @@ class Budget:
 
 
 # A few optimizer steps on a few hundred paragraphs: every variant builds, trains, evaluates, logs.
-SMOKE_BUDGET = Budget(steps=3, micro_batch_size=2, warmup_steps=1, eval_every=2, log_every=1, val_batches=2,
+SMOKE_BUDGET = Budget(steps=3, micro_batch_size=2, warmup_steps=1, eval_every=2, log_every=1, val_blocks=4,
                       precision="fp32", max_documents=1500, tokenizer_sample_chars=100_000)
 
 

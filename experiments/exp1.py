@@ -23,7 +23,7 @@ EXPERIMENT = Experiment(
         "moe": Variant(preset="exp1_moe"),  # MHA + GLM-4.5 MoE
         "attention_moe": Variant(preset="exp1_attention_moe"),  # MLA + GLM-4.5 MoE
     },
-    budget=Budget(steps=150, micro_batch_size=8, warmup_steps=15, eval_every=30, log_every=5, val_batches=16,
+    budget=Budget(steps=150, micro_batch_size=8, warmup_steps=15, eval_every=30, log_every=5, val_blocks=128,
                   hellaswag_limit=1000),
     metrics=("total_params", "active_params", "val_loss", "val_ppl", "val_acc", "hellaswag_acc_norm", "max_vio",
              "tokens_per_s"),

@@ -232,10 +232,16 @@ def test_ranks_split_the_global_batch(works):
 
 
 def test_val_batches_fixed_and_capped(works):
-    batches = works.val_batches(8, max_batches=3)
-    assert len(batches) == 3 and all(b.shape == (8, SMALL["seq_len"]) for b in batches)
-    assert torch.equal(torch.cat(batches), works.val_blocks[:24])
+    batches = works.val_batches(8, max_blocks=20)
+    assert [len(b) for b in batches] == [8, 8, 4] and all(b.shape[1] == SMALL["seq_len"] for b in batches)
+    assert torch.equal(torch.cat(batches), works.val_blocks[:20])
     assert sum(len(b) for b in works.val_batches(8)) == len(works.val_blocks)
+
+
+def test_the_validation_set_does_not_grow_with_the_batch_size(works):
+    """A cap in batches scored 40,960 validation tokens at micro-batch 8 and 81,920 at 16 (Shakespeare)."""
+    for batch_size in (1, 3, 8, 16):
+        assert torch.equal(torch.cat(works.val_batches(batch_size, max_blocks=20)), works.val_blocks[:20])
 
 
 # -------------------------------------------------------------------------------------------- sources

@@ -224,3 +224,15 @@ def test_variants_are_small_diffs_from_their_base():
     rows = diff(presets.get("exp1_baseline"), presets.get("exp1_mlp"))
     assert {p.split(".")[1] for p, _, _ in rows} == {"ffn"}
     assert diff(presets.get("exp1_baseline"), presets.get("exp1_baseline")) == []
+
+
+def test_a_spec_saved_with_val_batches_reads_as_val_blocks():
+    """Run folders saved before eval.val_blocks hold eval.val_batches (micro-batches): the same blocks."""
+    saved = presets.get("deepseek_glm4").model_dump(mode="json")
+    saved["train"]["micro_batch_size"] = 4
+    saved["eval"] = {k: v for k, v in saved["eval"].items() if k != "val_blocks"} | {"val_batches": 16}
+    assert RunSpec.model_validate(saved).eval.val_blocks == 64
+    del saved["train"]["micro_batch_size"]  # the default then (8)
+    assert RunSpec.model_validate(saved).eval.val_blocks == 128
+    with pytest.raises(ValueError, match="val_blocks"):
+        RunSpec.model_validate(saved | {"eval": {"val_blocks": 0}})

@@ -627,7 +627,7 @@ def test_resume_refuses_what_it_cannot_continue_and_keeps_its_ds_config(cache_di
     refused("--preset", "dense", words=["drop --preset"])  # was silently ignored
     refused("--tiny", words=["drop --tiny"])
     # The validation set: val/loss after the resume would be scored on other tokens, on the same curve.
-    refused("--set", "eval.val_batches=1", words=["cannot change eval.val_batches"])
+    refused("--set", "eval.val_blocks=1", words=["cannot change eval.val_blocks"])
     proc = train(cache_dir, out, "--resume", "--ds-config", str(ROOT / "ds_configs" / "zero1_fp32.json"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -696,6 +696,7 @@ def test_an_explicit_omp_num_threads_is_kept(monkeypatch):
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # 8 usable cores
     try:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
             os.environ.pop(key, None)
@@ -947,7 +948,7 @@ def test_an_fp16_overflow_skips_the_step_and_leaves_the_routing_biases(one_rank,
         args = trainer.parse_args(["--tiny", "--out", str(out), "--set", f"train.steps={steps}",
                                    "--set", "train.precision=fp16", "--set", "deepspeed.zero_stage=1",
                                    "--set", "train.log_every=1", "--set", f"train.eval_every={steps}",
-                                   "--set", "eval.val_batches=1"])
+                                   "--set", "eval.val_blocks=1"])
         assert trainer.train(args) == 0
     finally:
         for sig, handler in handlers.items():

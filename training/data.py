@@ -173,11 +173,12 @@ class TrainBatches:
         self.epoch, self.position = state["epoch"], state["position"]
 
 
-def val_batches(blocks_NT: torch.Tensor, *, batch_size: int, max_batches: int | None = None) -> list[torch.Tensor]:
-    """The validation blocks in order, in batches of `batch_size` (the last may be smaller), at most
-    `max_batches` of them: the same list on every call, so every evaluation scores the same tokens."""
-    batches = [blocks_NT[i:i + batch_size] for i in range(0, len(blocks_NT), batch_size)]
-    return batches[:max_batches]
+def val_batches(blocks_NT: torch.Tensor, *, batch_size: int, max_blocks: int | None = None) -> list[torch.Tensor]:
+    """The first `max_blocks` validation blocks in order, in batches of `batch_size` (the last may be
+    smaller): the same list on every call, so every evaluation scores the same tokens, whatever the
+    batch size."""
+    blocks_NT = blocks_NT[:max_blocks]
+    return [blocks_NT[i:i + batch_size] for i in range(0, len(blocks_NT), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------- top level
@@ -200,8 +201,8 @@ class PreparedData:
     def train_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1) -> TrainBatches:
         return TrainBatches(self.train_blocks, batch_size=batch_size, seed=self.seed, rank=rank, world_size=world_size)
 
-    def val_batches(self, batch_size: int, max_batches: int | None = None) -> list[torch.Tensor]:
-        return val_batches(self.val_blocks, batch_size=batch_size, max_batches=max_batches)
+    def val_batches(self, batch_size: int, max_blocks: int | None = None) -> list[torch.Tensor]:
+        return val_batches(self.val_blocks, batch_size=batch_size, max_blocks=max_blocks)
 
     def summary(self) -> str:
         return (f"documents {self.n_documents['train']:,} train / {self.n_documents['val']:,} val, "

@@ -129,7 +129,7 @@ def _start(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> _Ru
     rank0 = env.rank == 0
     engine, optimizer, prepared = startup.build(args, spec, out, env)
     train_batches = prepared.train_batches(spec.train.micro_batch_size, rank=env.rank, world_size=env.world_size)
-    val_batches = prepared.val_batches(spec.train.micro_batch_size, max_batches=spec.eval.val_batches)
+    val_batches = prepared.val_batches(spec.train.micro_batch_size, max_blocks=spec.eval.val_blocks)
     start_step, tokens_seen = 0, 0
     if args.resume:
         state = checkpoints.load(engine, out, expert_parallel=spec.deepspeed.ep_size > 1)

@@ -11,7 +11,7 @@ Nothing here imports torch: a spec can be written, validated and diffed without 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -397,7 +397,10 @@ class DataSpec(Spec):
 
 
 class EvalSpec(Spec):
-    val_batches: int = Field(20, ge=1)
+    # In blocks, not batches: a cap in batches scored more validation tokens the larger
+    # train.micro_batch_size was, so runs differing in batch size reported val/loss on different text.
+    val_blocks: int = Field(160, ge=1, description="validation blocks of data.seq_len tokens scored at every "
+                            "evaluation: the first N of the validation split (all of it when it has fewer)")
     hellaswag_limit: int = Field(0, ge=0, description="0 disables HellaSwag during training")
     hellaswag_path: str | None = None
 
@@ -414,6 +417,19 @@ class RunSpec(Spec):
     data: DataSpec = DataSpec()
     eval: EvalSpec = EvalSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _val_batches_to_blocks(cls, data: Any) -> Any:
+        """Run folders saved before eval.val_blocks hold eval.val_batches, a cap in micro-batches."""
+        if isinstance(data, dict) and isinstance(data.get("eval"), dict) and "val_batches" in data["eval"]:
+            train = data.get("train") if isinstance(data.get("train"), dict) else {}
+            micro = train.get("micro_batch_size", TrainSpec.model_fields["micro_batch_size"].default)
+            evals = {k: v for k, v in data["eval"].items() if k != "val_batches"}
+            if isinstance(micro, int) and isinstance(data["eval"]["val_batches"], int):
+                evals.setdefault("val_blocks", data["eval"]["val_batches"] * micro)
+            data = {**data, "eval": evals}
+        return data
 
     @model_validator(mode="after")
     def _fits(self) -> RunSpec:

@@ -33,7 +33,7 @@ def tiny(spec: RunSpec) -> RunSpec:
     _shrink(model)
     data["data"].update(seq_len=min(data["data"]["seq_len"], TINY_SEQ), tokenizer_sample_chars=200_000)
     data["train"].update(steps=2, micro_batch_size=2, grad_accum=1, warmup_steps=1, eval_every=1, ckpt_every=1)
-    data["eval"].update(val_batches=2, hellaswag_limit=min(data["eval"]["hellaswag_limit"], 8))
+    data["eval"].update(val_blocks=4, hellaswag_limit=min(data["eval"]["hellaswag_limit"], 8))
     return validate(RunSpec, data)
 
 
