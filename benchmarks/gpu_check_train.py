@@ -91,6 +91,10 @@ def _datasets_stub_dir() -> str | None:
 STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([\d.]+) tok/s ([\d,]+) mfu (n/a|([\d.]+)%!?)")
 
 
+POLL_S = 0.5  # how often read_lines looks whether the trainer has exited
+EXIT_GRACE_S = 2.0  # how long its output may trail its exit (a child still holding the pipe)
+
+
 def read_lines(proc, deadline: float) -> tuple[list[str], bool]:
     """proc's stdout lines, echoed as they come, until it closes or the perf_counter `deadline`;
     then (lines, timed out). A thread reads, so a partial line (readline() waits for its end)
@@ -109,21 +113,30 @@ def read_lines(proc, deadline: float) -> tuple[list[str], bool]:
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    lines, timed_out = [], False
+    lines, timed_out, exited_at = [], False, None
     try:
         while True:
+            now = time.perf_counter()
             try:
-                line = got.get(timeout=max(0.0, deadline - time.perf_counter()))
+                line = got.get(timeout=max(0.0, min(POLL_S, deadline - now)))
             except queue.Empty:
-                timed_out = True
-                break
+                if time.perf_counter() >= deadline:
+                    timed_out = True
+                    break
+                if proc.poll() is not None:
+                    # It exited, but a process it started may still hold the pipe open: stop after a
+                    # grace period for the last lines rather than wait for the deadline.
+                    exited_at = exited_at or time.perf_counter()
+                    if time.perf_counter() - exited_at > EXIT_GRACE_S:
+                        break
+                continue
             if line is None:
                 break
             lines.append(line.rstrip())
             if line.strip():
                 say("    | " + line.rstrip()[:400])
     finally:
-        if timed_out or proc.poll() is None:
+        if timed_out or proc.poll() is None or exited_at is not None:  # the last: what it left running
             try:
                 os.killpg(proc.pid, signal.SIGKILL if timed_out else signal.SIGTERM)
             except ProcessLookupError:

@@ -405,6 +405,26 @@ def test_gpu_check_train_timeout_holds_on_a_partial_line(monkeypatch, tmp_path):
     assert status.startswith("train: TIMED OUT after ") and status.endswith("last lines: step 1/10 loss"), status
 
 
+def test_gpu_check_train_ends_when_the_trainer_exits_though_a_child_holds_its_pipe(monkeypatch, tmp_path):
+    """Reading until end of file waited out --train-timeout when a process the trainer started still
+    held its stdout, and reported a finished run as TIMED OUT."""
+    import time
+
+    from benchmarks import gpu_check_common, gpu_check_train
+
+    held = 30  # seconds the child keeps the pipe open; the timeout is 8
+    _fake_trainer(monkeypatch, gpu_check_train,
+                  f"import subprocess; subprocess.Popen(['sleep', '{held}']); "
+                  "print('step 1/10 loss 6.000 tok/s 1,000 mfu 1.0%', flush=True)")
+    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
+    start = time.perf_counter()
+    gpu_check_train.section_train(argparse.Namespace(micro_batch=2, train_steps=10, compile=False,
+                                                     train_out=str(tmp_path / "run"), train_timeout=8))
+    assert time.perf_counter() - start < 8
+    status = [n for n in gpu_check_common.RESULTS if n.startswith("train: ")][0]
+    assert status.startswith("train: exit 0 after "), status
+
+
 def test_gpu_check_pytest_note_is_a_string_when_pytest_prints_nothing(monkeypatch):
     """With pytest's stdout empty the note printed stderr's last line as a list: `exit 1: ['...']`."""
     from benchmarks import gpu_check, gpu_check_common
