@@ -170,24 +170,28 @@ def test_only_a_quiet_cpu_peak_is_cached(monkeypatch, tmp_path, recwarn):
     assert cached == {mfu.cpu_peak_cache_key(torch.float32): 147e9}
 
 
-def test_cpu_share_is_cpu_time_over_wall_time_and_threads(monkeypatch):
-    """measure_cpu_peak's share, with clocks that advance 2 s of wall time and 2.4 s of CPU time over a
-    measurement on 2 threads: 0.6."""
+def test_cpu_share_counts_the_timed_matmuls_alone(monkeypatch):
+    """measure_cpu_peak's share is CPU time over wall time x threads, of the largest size's timed
+    matmuls only. Fake clocks: the setup (random matrices) takes 1 s of wall and 1 s of CPU time, on one
+    thread; each matmul 0.5 s of wall and 0.6 s of CPU time. Counting the setup in, a quiet machine's
+    share fell with its core count (8 cores: 0.79 against QUIET_CPU_SHARE 0.8)."""
     clock = {"wall": 0.0, "cpu": 0.0}
 
-    def measure(dtype):
-        clock["wall"] += 2.0
-        clock["cpu"] += 2.4
-        return 123e9
+    def advance(wall, cpu):
+        clock["wall"] += wall
+        clock["cpu"] += cpu
 
-    monkeypatch.setattr(mfu, "measure_matmul_peak", measure)
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: (advance(1.0, 1.0), real_randn(2, 2))[1])
+    monkeypatch.setattr(torch, "mm", lambda a, b: advance(0.5, 0.6))
     monkeypatch.setattr(mfu.time, "perf_counter", lambda: clock["wall"])
     monkeypatch.setattr(mfu.time, "process_time", lambda: clock["cpu"])
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert mfu.measure_cpu_peak(torch.float32) == (123e9, pytest.approx(0.6))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # 2 threads on 1 core: 1 core's time
-    assert mfu.measure_cpu_peak(torch.float32) == (123e9, pytest.approx(1.2))
+    _, share = mfu.measure_cpu_peak(torch.float32)
+    assert share == pytest.approx(0.6 / (0.5 * 2))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # 2 threads, 1 core: its time
+    assert mfu.measure_cpu_peak(torch.float32)[1] == pytest.approx(0.6 / 0.5)
 
 
 def _peak_on_a_fake_gpu(monkeypatch, name: str, dtype: torch.dtype) -> float | tuple:

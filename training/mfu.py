@@ -82,11 +82,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device = torch.device("cpu"), sizes=None,
-                        repeats: int = PEAK_REPEATS, budget_s: float = PEAK_BUDGET_S) -> float:
+                        repeats: int = PEAK_REPEATS, budget_s: float = PEAK_BUDGET_S,
+                        clock: dict | None = None) -> float:
     """Best observed FLOP/s of square matmuls on `device` (sizes: default PEAK_MATMUL_SIZES, larger on
     CUDA). A probe at PEAK_PROBE_SIZE first: a size whose repeats would take longer than `budget_s` at
     the rate seen so far is skipped (bf16 on a CPU without bf16 instructions ran at 0.3 GFLOP/s, and
-    2048^3 would have taken 53 s a matmul)."""
+    2048^3 would have taken 53 s a matmul). `clock`, if given, receives the process CPU time ("cpu")
+    and wall time ("wall") of the largest size's timed matmuls alone."""
     if sizes is None:
         sizes = CUDA_PEAK_MATMUL_SIZES if device.type == "cuda" else PEAK_MATMUL_SIZES
     best = 0.0
@@ -96,12 +98,17 @@ def measure_matmul_peak(dtype: torch.dtype, device: torch.device = torch.device(
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
         torch.mm(a, b)  # warm up (allocations, kernel selection)
+        cpu = wall = 0.0
         for _ in range(repeats):
             _synchronize(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             torch.mm(a, b)
             _synchronize(device)  # CUDA kernels run asynchronously: time the matmul, not its launch
-            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            cpu, wall = cpu + time.process_time() - start_cpu, wall + seconds
+            best = max(best, 2 * size**3 / seconds)
+        if clock is not None:
+            clock.update(cpu=cpu, wall=wall)
     return best
 
 
@@ -112,13 +119,14 @@ class BusyPeakWarning(UserWarning):
 
 def measure_cpu_peak(dtype: torch.dtype) -> tuple[float, float]:
     """(peak FLOP/s, CPU share): `measure_matmul_peak` on the CPU, and the share of its threads' wall
-    time the measurement got on the CPU (process CPU time over wall time x threads; 1 is all of it).
-    Other processes on the same cores take their share from it."""
+    time its largest timed matmuls got on the CPU (process CPU time over wall time x threads; 1 is
+    all of it). Other processes on the same cores take their share from it. Only the matmuls count:
+    the setup (random matrices) runs on one thread, and counted in, it lowered the share of a quiet
+    machine the more cores it had (a model of it: 0.96 on 2 cores, 0.79 on 8, 0.47 on 32)."""
     threads = min(torch.get_num_threads(), usable_cpus())
-    wall, cpu = time.perf_counter(), time.process_time()
-    peak = measure_matmul_peak(dtype)
-    share = (time.process_time() - cpu) / max((time.perf_counter() - wall) * threads, 1e-9)
-    return peak, share
+    clock = {"cpu": 0.0, "wall": 0.0}
+    peak = measure_matmul_peak(dtype, clock=clock)
+    return peak, clock["cpu"] / max(clock["wall"] * threads, 1e-9)
 
 
 def _synchronize(device: torch.device) -> None:
