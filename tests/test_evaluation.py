@@ -28,7 +28,9 @@ from zoo.cli import main  # noqa: E402
 from training.evaluation import ZooLM, hellaswag_accuracy, hellaswag_docs, local_task  # noqa: E402
 from training.evaluation.harness import perplexity  # noqa: E402
 from training.evaluation.lm import EvalError  # noqa: E402
-from training.evaluation.tasks import hellaswag_requests, multiple_choice_scores  # noqa: E402
+from training.evaluation.tasks import (  # noqa: E402
+    HellaSwagTooLong, check_hellaswag_fits, hellaswag_requests, multiple_choice_scores,
+)
 from zoo.overrides import with_changes  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -150,6 +152,35 @@ def test_malformed_hellaswag_file_names_the_file_and_line(tmp_path):
     with pytest.raises(EvalError, match=r"h.jsonl, line 2: not a HellaSwag record \(JSONDecodeError"):
         hellaswag_docs(bad)
     assert len(hellaswag_docs(bad, limit=1)) == 1
+
+
+def test_a_binary_hellaswag_file_is_an_eval_error(tmp_path):
+    binary = tmp_path / "h.jsonl"
+    binary.write_bytes(b"\xb5\x00\xff" * 100)
+    with pytest.raises(EvalError, match=r"h.jsonl is not UTF-8 text"):
+        hellaswag_docs(binary)
+
+
+def test_the_length_check_agrees_with_scoring_at_the_boundary(run, tmp_path):
+    """check_hellaswag_fits refuses exactly what hellaswag_accuracy cannot score, counting tokens the way
+    it encodes them, also for an item whose query is empty (lm-eval's empty-context branch)."""
+    _, model, _, tokenizer = run
+    record = json.loads(HELLASWAG.read_text().split("\n", 1)[0])
+    empty_query = {**record, "activity_label": "[x", "ctx_a": "y]", "ctx_b": ""}  # preprocess() leaves ""
+    path = tmp_path / "h.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (record, empty_query)) + "\n")
+    docs = hellaswag_docs(path)
+    assert docs[1]["query"] == ""
+    with pytest.raises(HellaSwagTooLong) as caught:
+        check_hellaswag_fits(model, tokenizer, path, 2, 1)
+    longest = caught.value.longest  # in tokens, as the check counts them
+    assert caught.value.first == 0 and caught.value.count == 2 and 1 < longest < MAX_LEN
+    check_hellaswag_fits(model, tokenizer, path, 2, longest)
+    assert hellaswag_accuracy(model, tokenizer, path, max_length=longest)["n"] == 2
+    with pytest.raises(HellaSwagTooLong):
+        check_hellaswag_fits(model, tokenizer, path, 2, longest - 1)
+    with pytest.raises(EvalError, match="exceeds the model's context"):
+        hellaswag_accuracy(model, tokenizer, path, max_length=longest - 1)
 
 
 def test_rolling_loglikelihood_scores_every_token_once(run, lm):

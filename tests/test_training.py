@@ -331,7 +331,7 @@ def test_bad_input_is_one_line(cache_dir, tmp_path, case):
         # Found before step 1: it used to stop the run at its first evaluation, before that step's checkpoint.
         "hellaswag_too_long": (["--set", "data.seq_len=64", "--set", "eval.hellaswag_limit=50", "--set",
                                 f"eval.hellaswag_path={ROOT.parent / 'shared' / 'data' / 'hellaswag_val.jsonl'}"],
-                               ["eval.hellaswag_limit=50", "longer than 64 tokens", "raise data.seq_len to >="]),
+                               ["eval.hellaswag_limit=50", "longer than 64 tokens", "raise data.seq_len and model.max_seq_len to >="]),
     }[case]
     proc = train(cache_dir, out, *args)
     assert proc.returncode == 2, proc.stderr
@@ -633,6 +633,12 @@ def test_resume_refuses_what_it_cannot_continue_and_keeps_its_ds_config(cache_di
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "differs" in proc.stderr and "zero_optimization" in proc.stderr
     assert (out / "spec.json").read_text() == spec_json
+    # HellaSwag endings longer than the run's 64 tokens: a resumed run cannot raise data.seq_len, so the
+    # message offers only a lower eval.hellaswag_limit.
+    hellaswag = ROOT.parent / "shared" / "data" / "hellaswag_val.jsonl"
+    proc = train(cache_dir, out, "--resume", "--set", "eval.hellaswag_limit=50", "--set", f"eval.hellaswag_path={hellaswag}")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "set eval.hellaswag_limit <= 8" in proc.stderr and "data.seq_len" not in proc.stderr, proc.stderr
     # Without --ds-config the run resumes with the one it started with, not the shipped default.
     second = train(cache_dir, out, "--resume")
     assert second.returncode == 0, second.stderr

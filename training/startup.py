@@ -20,6 +20,7 @@ from training.data import DataError, PreparedData, Tokenizer, prepare_data
 from training.engine import Dist, TrainingError, initialize, optimizer_groups
 from training.precision import resolve_precision
 from training.resume import run_ds_config
+from zoo.files import write_atomic
 from zoo.specs import MoESpec, RunSpec
 
 
@@ -85,11 +86,12 @@ def build(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> tupl
                             "the corpus or its settings changed since the run started")
     engine, optimizer, ds_config = _engine(args, spec, out, env)
     if spec.eval.hellaswag_limit:
-        _check_hellaswag_fits(engine.module, tokenizer, spec)
+        _check_hellaswag_fits(engine.module, tokenizer, spec, resume=args.resume)
     if env.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        (out / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
+        # Atomically: a resumed run rewrites them, and a crash mid-write must not leave a run that cannot resume.
+        write_atomic(out / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
+        write_atomic(out / "spec.json", spec.model_dump_json(indent=2) + "\n")
         tokenizer.save(out)
     return engine, optimizer, prepared
 
@@ -118,16 +120,25 @@ def _prepare_data(spec: RunSpec, rank: int) -> PreparedData:
     return prepared if prepared is not None else prepare_data(**kwargs)
 
 
-def _check_hellaswag_fits(model, tokenizer: Tokenizer, spec: RunSpec) -> None:
+def _check_hellaswag_fits(model, tokenizer: Tokenizer, spec: RunSpec, *, resume: bool) -> None:
     """Every HellaSwag item the evaluations will score fits the training length: found out now, not
-    eval_every steps into training, when the run would stop before that step's checkpoint."""
+    eval_every steps into training, when the run would stop before that step's checkpoint. The fixes
+    offered are ones this run can take (a resumed run cannot change data.seq_len)."""
     from training.evaluation.lm import EvalError
-    from training.evaluation.tasks import check_hellaswag_fits
+    from training.evaluation.tasks import HellaSwagTooLong, check_hellaswag_fits
 
+    limit = spec.eval.hellaswag_limit
     try:
-        check_hellaswag_fits(model, tokenizer, spec.eval.hellaswag_path, spec.eval.hellaswag_limit, spec.data.seq_len)
+        check_hellaswag_fits(model, tokenizer, spec.eval.hellaswag_path, limit, spec.data.seq_len)
+    except HellaSwagTooLong as err:
+        fixes = [f"set eval.hellaswag_limit <= {err.first} (the items before it fit)" if err.first
+                 else "set eval.hellaswag_limit=0 (no HellaSwag)"]
+        if not resume:
+            also = "" if err.longest <= spec.model.max_seq_len else " and model.max_seq_len"
+            fixes.insert(0, f"raise data.seq_len{also} to >= {err.longest}")
+        raise TrainingError(f"eval.hellaswag_limit={limit}: {err}; {', or '.join(fixes)}") from None
     except EvalError as err:
-        raise TrainingError(f"eval.hellaswag_limit={spec.eval.hellaswag_limit}: {err}") from None
+        raise TrainingError(f"eval.hellaswag_path: {err}") from None
 
 
 def _check_min_data(prepared: PreparedData, spec: RunSpec, world_size: int) -> None:

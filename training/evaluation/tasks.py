@@ -74,24 +74,28 @@ def hellaswag_docs(path: str | Path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise EvalError(f"HellaSwag file {path} does not exist")
     docs = []
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if limit is not None and len(docs) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-                ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-                docs.append({
-                    "query": preprocess(doc["activity_label"] + ": " + ctx),
-                    "choices": [preprocess(ending) for ending in doc["endings"]],
-                    "gold": int(doc["label"]),
-                })
-            except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
-                raise EvalError(f"HellaSwag file {path}, line {number}: not a HellaSwag record "
-                                f"({type(err).__name__}: {err}); each line needs activity_label, ctx_a, ctx_b, "
-                                "endings and label, as in ../shared/data/hellaswag_val.jsonl") from None
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if limit is not None and len(docs) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+                    docs.append({
+                        "query": preprocess(doc["activity_label"] + ": " + ctx),
+                        "choices": [preprocess(ending) for ending in doc["endings"]],
+                        "gold": int(doc["label"]),
+                    })
+                except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
+                    raise EvalError(f"HellaSwag file {path}, line {number}: not a HellaSwag record "
+                                    f"({type(err).__name__}: {err}); each line needs activity_label, ctx_a, ctx_b, "
+                                    "endings and label, as in ../shared/data/hellaswag_val.jsonl") from None
+    except UnicodeDecodeError as err:  # raised by the line iterator, outside the record's try
+        raise EvalError(f"HellaSwag file {path} is not UTF-8 text ({err.reason} at byte {err.start}); give a "
+                        "JSON-lines file such as ../shared/data/hellaswag_val.jsonl") from None
     return docs
 
 
@@ -110,20 +114,35 @@ def check_hellaswag_fits(model: nn.Module, tokenizer, path: str | Path, limit: i
     `hellaswag_accuracy` tokenizes it, fits in `max_length` tokens (a context is left-truncated, an
     ending cannot be): checked before training, not when the first evaluation stops the run."""
     docs = hellaswag_docs(path, limit)
-    lm = ZooLM(model=model, tokenizer=tokenizer, max_length=max_length)
+    requests = hellaswag_requests(docs)
+    # The encoding loglikelihood does (lm-eval's TemplateLM: an empty context, trailing spaces), counted
+    # instead of scored.
+    counted = _ContinuationLengths(model=model, tokenizer=tokenizer, max_length=max_length)
     lengths = {}  # item -> its longest ending, in tokens
-    for request in hellaswag_requests(docs):
-        context, continuation = request.args
+    for request, (n, _) in zip(requests, counted.loglikelihood(requests, disable_tqdm=True)):
         item = request.metadata[1]
-        lengths[item] = max(lengths.get(item, 0), len(lm._encode_pair(context, continuation)[1]))
+        lengths[item] = max(lengths.get(item, 0), n)
     too_long = [item for item, n in lengths.items() if n > max_length]
     if too_long:
-        longest = max(lengths.values())
-        fewer = (f"eval.hellaswag_limit <= {too_long[0]} (the items before it fit)" if too_long[0]
-                 else "eval.hellaswag_limit=0 (no HellaSwag)")
-        raise EvalError(f"{len(too_long)} of the first {len(docs)} HellaSwag items have an ending longer than "
-                        f"{max_length} tokens (item {too_long[0]}: {lengths[too_long[0]]}; the longest: {longest}), "
-                        f"which cannot be scored; raise data.seq_len to >= {longest}, or set {fewer}")
+        raise HellaSwagTooLong(len(too_long), len(docs), too_long[0], lengths[too_long[0]], max(lengths.values()),
+                               max_length)
+
+
+class _ContinuationLengths(ZooLM):
+    """ZooLM whose loglikelihood returns each request's continuation length in tokens, not its score."""
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[int, bool]]:
+        return [(len(continuation), False) for _, _, continuation in requests]
+
+
+class HellaSwagTooLong(EvalError):
+    """Some HellaSwag endings do not fit the scoring length; the fields say which and by how much."""
+
+    def __init__(self, count: int, items: int, first: int, first_tokens: int, longest: int, max_length: int):
+        self.count, self.items, self.first, self.first_tokens = count, items, first, first_tokens
+        self.longest, self.max_length = longest, max_length
+        super().__init__(f"{count} of the first {items} HellaSwag items have an ending longer than {max_length} "
+                         f"tokens (item {first}: {first_tokens}; the longest: {longest}), which cannot be scored")
 
 
 def multiple_choice_scores(logprobs: list[float], choices: list[str], gold: int) -> tuple[float, float]:
