@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -39,7 +38,7 @@ if str(REPO) not in sys.path:  # run by path (gpu_check.sh does): the benchmarks
 
 from benchmarks import gpu_check_common as common  # noqa: E402
 from benchmarks.gpu_check_attention import section_flash  # noqa: E402
-from benchmarks.gpu_check_common import header, note, repo_pythonpath, say  # noqa: E402
+from benchmarks.gpu_check_common import header, note, run_command, say  # noqa: E402
 from benchmarks.gpu_check_grouped import section_grouped  # noqa: E402
 from benchmarks.gpu_check_train import section_train, section_trainstep  # noqa: E402
 
@@ -85,12 +84,8 @@ def section_matmul(args) -> None:
 def section_pytest(args) -> None:
     files = ["tests/test_devices.py", "tests/test_moe.py", "tests/test_attention.py"]  # test_devices: the CUDA paths
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
-    say("  $ " + " ".join(cmd[1:]))
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.pytest_timeout,
-                              env={**os.environ, "PYTHONPATH": repo_pythonpath()})
-    except subprocess.TimeoutExpired:
-        note(f"pytest: TIMED OUT after {args.pytest_timeout} s")
+    proc = run_command("pytest", cmd, args.pytest_timeout)
+    if proc is None:
         return
     tail = [line for line in proc.stdout.splitlines() if line.strip()]
     for line in tail[-15:]:

@@ -5,6 +5,7 @@ PYTHONPATH for the subprocess sections."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -61,3 +62,15 @@ def cuda_time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
 def repo_pythonpath() -> str:
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return os.pathsep.join([*parts, str(REPO)] if str(REPO) not in parts else parts)
+
+
+def run_command(name: str, cmd: list[str], timeout: float) -> subprocess.CompletedProcess | None:
+    """`cmd` (a `python ...` command line) run from the repository with its packages importable, shown
+    first; None, with a TIMED OUT note under `name`, when it outlives `timeout` seconds."""
+    say("  $ " + " ".join(["python", *cmd[1:]]))
+    try:
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": repo_pythonpath()})
+    except subprocess.TimeoutExpired:
+        note(f"{name}: TIMED OUT after {timeout} s")
+        return None

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.gpu_check_common import REPO, note, repo_pythonpath, say
+from benchmarks.gpu_check_common import REPO, note, repo_pythonpath, run_command, say
 
 # ~0.5B total parameters (~0.1B active) on the built-in corpus: the perf_0p5b preset (MLA attention,
 # 64 experts top-6, T 1024).
@@ -229,12 +229,8 @@ def section_trainstep(args) -> None:
            "--hf-experts", "grouped_mm", "--hf-attention", "sdpa", "--reps", "10", "--json", str(out),
            "--profile", str(profile)]
     cmd += ["--set", f"train.micro_batch_size={args.micro_batch}"] + (["--compile"] if args.compile else [])
-    say("  $ " + " ".join(["python", *cmd[1:]]))
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.trainstep_timeout,
-                              env={**os.environ, "PYTHONPATH": repo_pythonpath()})
-    except subprocess.TimeoutExpired:
-        note(f"trainstep: TIMED OUT after {args.trainstep_timeout} s")
+    proc = run_command("trainstep", cmd, args.trainstep_timeout)
+    if proc is None:
         return
     for line in (proc.stdout + proc.stderr).splitlines()[-25:]:
         say("    | " + line[:300])

@@ -435,7 +435,7 @@ def test_gpu_check_pytest_note_is_a_string_when_pytest_prints_nothing(monkeypatc
         out, err = next(outputs)
         return subprocess.CompletedProcess(cmd, 1, out, err)
 
-    monkeypatch.setattr(gpu_check.subprocess, "run", fake_pytest)
+    monkeypatch.setattr(gpu_check_common.subprocess, "run", fake_pytest)
     monkeypatch.setattr(gpu_check_common, "RESULTS", [])
     args = argparse.Namespace(pytest_timeout=60)
     gpu_check.section_pytest(args)
