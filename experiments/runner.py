@@ -146,7 +146,10 @@ def is_finished(out: Path, spec: RunSpec) -> bool:
 def find_identical(runs_root: Path, spec: RunSpec) -> Path | None:
     """A finished run anywhere under `runs_root` that trained exactly this spec (HellaSwag aside)."""
     for saved in sorted(runs_root.glob("*/*/*/spec.json")):
-        other = _saved_spec(saved.parent)
+        try:
+            other = _saved_spec(saved.parent)
+        except RunFailed:  # a folder this zoo cannot read (another experiment's, from an older zoo): not this run
+            continue
         if (other is not None and _without_hellaswag(other) == _as_trained(spec, other)
                 and is_finished(saved.parent, other)):
             return saved.parent

@@ -301,6 +301,13 @@ def test_a_run_folder_this_zoo_cannot_read_is_one_line(tmp_path):
     message = str(caught.value)
     assert "\n" not in message and str(out / "spec.json") in message and "model.ffn" in message, message
     assert "not a valid run spec for this version of the zoo" in message and "delete that folder" in message
+    # Another experiment's unreadable folder is none of this run's business: looking for an identical
+    # finished run to reuse passes over it.
+    other = tmp_path / "exp3" / "top1" / "seed0"
+    other.mkdir(parents=True)
+    (other / "spec.json").write_text(json.dumps(saved))
+    (out / "spec.json").unlink()
+    assert runner.find_identical(tmp_path, one.spec(name, seed)) is None
 
 
 @pytest.mark.slow
