@@ -154,11 +154,17 @@ def test_malformed_hellaswag_file_names_the_file_and_line(tmp_path):
     assert len(hellaswag_docs(bad, limit=1)) == 1
 
 
-def test_a_binary_hellaswag_file_is_an_eval_error(tmp_path):
-    binary = tmp_path / "h.jsonl"
-    binary.write_bytes(b"\xb5\x00\xff" * 100)
-    with pytest.raises(EvalError, match=r"h.jsonl is not UTF-8 text"):
-        hellaswag_docs(binary)
+def test_a_non_utf8_hellaswag_file_names_the_line_and_byte(tmp_path):
+    """It was a UnicodeDecodeError traceback; then a byte offset within the decoder's chunk, and a file
+    refused for a bad byte beyond the records asked for whenever the read-ahead reached it."""
+    records = HELLASWAG.read_text().splitlines(keepends=True)[:40]
+    good = "".join(records).encode()
+    bad = tmp_path / "h.jsonl"
+    bad.write_bytes(good + b'{"ctx_a": "\xff"}\n')
+    where = rf"h.jsonl, line 41: not UTF-8 text \(invalid start byte at byte {len(good) + 11}\)"
+    with pytest.raises(EvalError, match=where):
+        hellaswag_docs(bad)
+    assert len(hellaswag_docs(bad, limit=2)) == 2  # the bad line is never read
 
 
 def test_the_length_check_agrees_with_scoring_at_the_boundary(run, tmp_path):

@@ -3,6 +3,7 @@ matmul attention, fused LM-head loss) must not cost accuracy. And `train.precisi
 only where the device computes it natively (training/precision.py)."""
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -170,25 +171,34 @@ def test_only_a_quiet_cpu_peak_is_cached(monkeypatch, tmp_path, recwarn):
     assert cached == {mfu.cpu_peak_cache_key(torch.float32): 147e9}
 
 
-def test_cpu_share_counts_the_timed_matmuls_alone(monkeypatch):
+def test_cpu_share_counts_the_largest_sizes_timed_matmuls_alone(monkeypatch):
     """measure_cpu_peak's share is CPU time over wall time x threads, of the largest size's timed
     matmuls only. Fake clocks: the setup (random matrices) takes 1 s of wall and 1 s of CPU time, on one
-    thread; each matmul 0.5 s of wall and 0.6 s of CPU time. Counting the setup in, a quiet machine's
-    share fell with its core count (8 cores: 0.79 against QUIET_CPU_SHARE 0.8)."""
+    thread; a matmul of the probe size 0.5 s of wall and 0.5 s of CPU time (one busy thread of two), of
+    the larger sizes 0.5 s and 0.6 s. Counting the setup in, a quiet machine's share fell with its core
+    count (8 cores: 0.79 against QUIET_CPU_SHARE 0.8)."""
     clock = {"wall": 0.0, "cpu": 0.0}
+    sizes = []
 
     def advance(wall, cpu):
         clock["wall"] += wall
         clock["cpu"] += cpu
 
-    real_randn = torch.randn
-    monkeypatch.setattr(torch, "randn", lambda *a, **k: (advance(1.0, 1.0), real_randn(2, 2))[1])
-    monkeypatch.setattr(torch, "mm", lambda a, b: advance(0.5, 0.6))
+    def randn(size, *args, **kwargs):
+        sizes.append(size)
+        advance(1.0, 1.0)
+        return torch.zeros(1)
+
+    monkeypatch.setattr(torch, "randn", randn)
+    monkeypatch.setattr(torch, "mm", lambda a, b: advance(0.5, 0.5 if sizes[-1] == mfu.PEAK_PROBE_SIZE else 0.6))
     monkeypatch.setattr(mfu.time, "perf_counter", lambda: clock["wall"])
     monkeypatch.setattr(mfu.time, "process_time", lambda: clock["cpu"])
+    # Every size runs (the fake clock's rate would have skipped them).
+    monkeypatch.setattr(mfu, "measure_matmul_peak", functools.partial(mfu.measure_matmul_peak, budget_s=1e9))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     _, share = mfu.measure_cpu_peak(torch.float32)
+    assert set(sizes) == {mfu.PEAK_PROBE_SIZE, *mfu.PEAK_MATMUL_SIZES}
     assert share == pytest.approx(0.6 / (0.5 * 2))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # 2 threads, 1 core: its time
     assert mfu.measure_cpu_peak(torch.float32)[1] == pytest.approx(0.6 / 0.5)

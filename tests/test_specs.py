@@ -236,3 +236,9 @@ def test_a_spec_saved_with_val_batches_reads_as_val_blocks():
     assert RunSpec.model_validate(saved).eval.val_blocks == 128
     with pytest.raises(ValueError, match="val_blocks"):
         RunSpec.model_validate(saved | {"eval": {"val_blocks": 0}})
+    # Anything else is refused by name, not replaced by the default: not a whole number >= 1, or both keys.
+    for odd in (2.0, "3", None, "abc", True, 0, -1):
+        with pytest.raises(ValueError, match=r"eval\.val_batches"):
+            RunSpec.model_validate(saved | {"eval": {"val_batches": odd}})
+    with pytest.raises(ValueError, match=r"eval\.val_batches"):
+        RunSpec.model_validate(saved | {"eval": {"val_batches": 5, "val_blocks": 7}})

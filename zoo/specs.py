@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 
 class Spec(BaseModel):
@@ -411,6 +411,10 @@ class DeepSpeedSpec(Spec):
     config: str | None = Field(None, description="a ds_configs/ JSON file; None picks one by stage and precision")
 
 
+# A whole number >= 1, strictly (no True, 2.0 or "3"): what an old spec.json's val_batches must be to migrate.
+_WHOLE_POSITIVE = TypeAdapter(Annotated[int, Field(ge=1, strict=True)])
+
+
 class RunSpec(Spec):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
@@ -421,15 +425,21 @@ class RunSpec(Spec):
     @model_validator(mode="before")
     @classmethod
     def _val_batches_to_blocks(cls, data: Any) -> Any:
-        """Run folders saved before eval.val_blocks hold eval.val_batches, a cap in micro-batches."""
-        if isinstance(data, dict) and isinstance(data.get("eval"), dict) and "val_batches" in data["eval"]:
-            train = data.get("train") if isinstance(data.get("train"), dict) else {}
-            micro = train.get("micro_batch_size", TrainSpec.model_fields["micro_batch_size"].default)
-            evals = {k: v for k, v in data["eval"].items() if k != "val_batches"}
-            if isinstance(micro, int) and isinstance(data["eval"]["val_batches"], int):
-                evals.setdefault("val_blocks", data["eval"]["val_batches"] * micro)
-            data = {**data, "eval": evals}
-        return data
+        """Run folders saved before eval.val_blocks hold eval.val_batches, a cap in micro-batches: read as
+        val_batches x train.micro_batch_size blocks. A value that is not a whole number >= 1, or both
+        keys at once, is left for validation to refuse by name (extra fields are forbidden)."""
+        evals = data.get("eval") if isinstance(data, dict) else None
+        if not isinstance(evals, dict) or "val_batches" not in evals or "val_blocks" in evals:
+            return data
+        train = data.get("train") if isinstance(data.get("train"), dict) else {}
+        try:
+            batches = _WHOLE_POSITIVE.validate_python(evals["val_batches"])
+            micro = _WHOLE_POSITIVE.validate_python(
+                train.get("micro_batch_size", TrainSpec.model_fields["micro_batch_size"].default))
+        except ValueError:
+            return data
+        rest = {k: v for k, v in evals.items() if k != "val_batches"}
+        return {**data, "eval": {**rest, "val_blocks": batches * micro}}
 
     @model_validator(mode="after")
     def _fits(self) -> RunSpec:

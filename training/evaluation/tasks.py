@@ -73,29 +73,32 @@ def hellaswag_docs(path: str | Path, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"HellaSwag file {path} does not exist")
-    docs = []
-    try:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if limit is not None and len(docs) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-                    docs.append({
-                        "query": preprocess(doc["activity_label"] + ": " + ctx),
-                        "choices": [preprocess(ending) for ending in doc["endings"]],
-                        "gold": int(doc["label"]),
-                    })
-                except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
-                    raise EvalError(f"HellaSwag file {path}, line {number}: not a HellaSwag record "
-                                    f"({type(err).__name__}: {err}); each line needs activity_label, ctx_a, ctx_b, "
-                                    "endings and label, as in ../shared/data/hellaswag_val.jsonl") from None
-    except UnicodeDecodeError as err:  # raised by the line iterator, outside the record's try
-        raise EvalError(f"HellaSwag file {path} is not UTF-8 text ({err.reason} at byte {err.start}); give a "
-                        "JSON-lines file such as ../shared/data/hellaswag_val.jsonl") from None
+    docs, offset = [], 0  # offset: the file's bytes before the current line
+    with path.open("rb") as lines:  # decoded line by line: an error names its line and byte, read-ahead aside
+        for number, raw in enumerate(lines, 1):
+            if limit is not None and len(docs) >= limit:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise EvalError(f"HellaSwag file {path}, line {number}: not UTF-8 text ({err.reason} at byte "
+                                f"{offset + err.start}); give a JSON-lines file such as "
+                                "../shared/data/hellaswag_val.jsonl") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+                docs.append({
+                    "query": preprocess(doc["activity_label"] + ": " + ctx),
+                    "choices": [preprocess(ending) for ending in doc["endings"]],
+                    "gold": int(doc["label"]),
+                })
+            except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSONDecodeError is a ValueError
+                raise EvalError(f"HellaSwag file {path}, line {number}: not a HellaSwag record "
+                                f"({type(err).__name__}: {err}); each line needs activity_label, ctx_a, ctx_b, "
+                                "endings and label, as in ../shared/data/hellaswag_val.jsonl") from None
     return docs
 
 
