@@ -184,14 +184,14 @@ def test_winnowed_grouping_finds_every_passage_of_the_guaranteed_length(monkeypa
                       f"{_random_text(rng, 90)}\n{passage}\n  Y{_random_text(rng, 70)}"])
     docs = [_random_text(rng, 200) for _ in range(40)] + [doc for pair in pairs for doc in pair]
     total = sum(map(len, docs))
-    monkeypatch.setattr(split_module, "_EXACT_GROUPING_CHARS", total // keep_one_in)
+    monkeypatch.setattr(split_module, "_EXACT_GROUPING_CHARS", -(-total // keep_one_in))  # ceil(total / threshold) = 8
     assert split_module._winnowing_run(total) == run
 
     groups = {frozenset(docs[i] for i in group) for group in split_module._shared_passage_groups(docs)}
     assert all(frozenset(pair) in groups for pair in pairs)
     assert len(groups) == len(docs) - n_pairs  # nothing else is grouped
     # Memory: winnowing keeps ~2 / (run + 1) = 1 / keep_one_in of the windows, as the sampling did.
-    hashes = [split_module._window_hashes(split_module._normalised(doc)) for doc in docs]
+    hashes = [list(split_module._window_hashes(split_module._normalised(doc))) for doc in docs]
     kept = sum(len(set(split_module._winnowed(h, run))) for h in hashes)
     assert kept <= 1.2 * sum(map(len, hashes)) / keep_one_in
     # _winnowed against its definition, the minimum of every run of `run` hashes (with ties).
@@ -199,6 +199,25 @@ def test_winnowed_grouping_finds_every_passage_of_the_guaranteed_length(monkeypa
         hashes = [rng.randrange(50) for _ in range(n)]
         runs = [hashes[i:i + run] for i in range(max(1, n - run + 1))]
         assert set(split_module._winnowed(hashes, run)) == {min(r) for r in runs}
+
+
+def test_winnowing_starts_one_character_above_the_threshold_and_streams(monkeypatch):
+    """keep_one_in = ceil(chars / _EXACT_GROUPING_CHARS): chars // threshold kept every window up to twice
+    the threshold. And a document's hashes are winnowed as they are made, never held in a list."""
+    monkeypatch.setattr(split_module, "_EXACT_GROUPING_CHARS", 1000)
+    assert [split_module._winnowing_run(n) for n in (0, 1000, 1001, 2000, 2001)] == [1, 1, 3, 3, 5]
+
+    read = []
+
+    def hashes():
+        for i in range(10**9):  # far more than a list could hold
+            read.append(i)
+            yield (i * 7919) % 101
+
+    kept = split_module._winnowed(hashes(), 3)
+    assert next(kept) == 0 and len(read) == 3  # the first run's minimum, after reading that run alone
+    windows = split_module._window_hashes("word " * 10**6)
+    assert next(windows) == next(split_module._window_hashes("word " * 13))  # the same first window, lazily
 
 
 def test_a_groups_chance_of_validation_does_not_grow_with_its_size(monkeypatch):
@@ -309,6 +328,18 @@ def test_resume_gives_identical_next_batches(works):
     assert all(torch.equal(x, y) for x, y in zip(expected, take(resumed, 6)))
     with pytest.raises(DataError, match="batch_size"):
         works.train_batches(4).load_state_dict(state)
+
+
+def test_resume_refuses_a_data_state_from_another_split_version(works):
+    """A checkpoint's data state records the split version; one without it (saved before versions) is
+    version 1, and resuming it on today's split would score val/loss on another validation set."""
+    state = works.train_batches(8).state_dict()
+    assert state["split_version"] == split_module.SPLIT_VERSION == 2
+    works.train_batches(8).load_state_dict(state)
+    for old in ({k: v for k, v in state.items() if k != "split_version"}, {**state, "split_version": 1}):
+        with pytest.raises(DataError, match=r"train/validation split changed since the run started \(split "
+                                            r"version 1 -> 2\).*same validation set; start a new run"):
+            works.train_batches(8).load_state_dict({**old, "n_blocks": -1})  # the split version is named first
 
 
 def test_ranks_split_the_global_batch(works):

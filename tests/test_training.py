@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import zoo
 from training import checkpoints, trainer
+from training.data import DataError
 from training.engine import (
     TrainingError, initialize, lr_factor, optimizer_groups, resolve_ds_config, set_cpu_threads,
     unreported_grad_norm,
@@ -26,6 +27,7 @@ from training.mfu import cpu_has_native_bf16
 from zoo.host import usable_cpus
 from zoo import presets
 from zoo.checkpoint import load_run_folder
+from zoo.cli import resolve
 from zoo.overrides import with_changes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -604,6 +606,22 @@ def test_explicit_bf16_warns_in_one_line_only_on_a_cpu_without_bf16(cache_dir, t
         assert len(mfu) == 1 and 0 < mfu[1] < 1
     else:
         assert mfu == {} and "mfu n/a" in proc.stdout + proc.stderr, proc.stdout
+
+
+def test_resume_across_a_new_split_version_is_refused_before_the_data(tmp_path):
+    """The split version is read from the run folder by resolve_run, before the data is prepared: a new
+    split trains another tokenizer, and build() would blame that on the corpus. A run folder without
+    split.json (started before versions) is version 1."""
+    run = tmp_path / "run"
+    (run / checkpoints.CHECKPOINTS / "step_0000002").mkdir(parents=True)
+    _write(run / "spec.json", resolve("dense", ["train.steps=3"], tiny=True).model_dump_json())
+    _write(run / checkpoints.CHECKPOINTS / "step_0000002" / checkpoints.COMPLETE, "step_0000002\n")
+    _write(run / checkpoints.CHECKPOINTS / checkpoints.LATEST, "step_0000002")
+    args = trainer.parse_args(["--out", str(run), "--resume"])
+    with pytest.raises(DataError, match=r"split changed since the run started \(split version 1 -> 2\)"):
+        trainer.resolve_run(args)
+    checkpoints.write_split_version(run)
+    assert checkpoints.read_split_version(run) == 2 and trainer.resolve_run(args)[2] == 2
 
 
 def test_resume_refuses_what_it_cannot_continue_and_keeps_its_ds_config(cache_dir, tmp_path):

@@ -3,6 +3,7 @@
     RUN_DIR/spec.json, model.safetensors   the latest weights with their spec (zoo.checkpoint)
     RUN_DIR/tokenizer.model                the SentencePiece model the run trained with
     RUN_DIR/ds_config.json                 the resolved DeepSpeed config
+    RUN_DIR/split.json                     the train/validation split's version (training.split)
     RUN_DIR/checkpoints/<tag>/             DeepSpeed's model, optimizer and scheduler state
     RUN_DIR/checkpoints/<tag>/complete     written once every rank has written its part of <tag>
     RUN_DIR/checkpoints/latest             the newest complete tag, replaced atomically after `complete`
@@ -17,6 +18,7 @@ removes incomplete folders.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +26,13 @@ from pathlib import Path
 import torch.distributed as dist
 
 from training.engine import TrainingError
+from training.split import SPLIT_VERSION, UNVERSIONED_SPLIT
 from zoo.files import write_atomic
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "complete"  # marker file inside a tag folder
 LATEST = "latest"
+SPLIT = "split.json"
 
 
 def tag_for(step: int) -> str:
@@ -45,6 +49,23 @@ def latest_tag(run_dir: Path) -> str | None:
             return tag
     complete = [p.name for p in _tag_dirs(directory) if (p / COMPLETE).is_file()]
     return complete[-1] if complete else None
+
+
+def write_split_version(run_dir: Path) -> None:
+    write_atomic(run_dir / SPLIT, json.dumps({"split_version": SPLIT_VERSION}) + "\n")
+
+
+def read_split_version(run_dir: Path) -> int:
+    """The split version RUN_DIR/split.json records; a run folder without one (older) used version 1.
+    Read before the data is prepared, so a resume across a new split is refused before anything else."""
+    path = run_dir / SPLIT
+    if not path.is_file():
+        return UNVERSIONED_SPLIT
+    try:
+        return int(json.loads(path.read_text())["split_version"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise TrainingError(f"{path} is unreadable ({type(err).__name__}: {err}); it should hold "
+                            f'{{"split_version": N}}') from None
 
 
 def incomplete_tags(run_dir: Path) -> list[str]:

@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from training.corpus import PARAGRAPHS, DataError, load_documents  # noqa: F401  (DataError: part of this API)
-from training.split import check_val_fraction, split_documents
+from training.split import (
+    SPLIT_VERSION, UNVERSIONED_SPLIT, check_split_version, check_val_fraction, split_documents)
 from zoo.files import write_atomic
 from zoo.tokenizer import (  # noqa: F401
     TOKENIZER_FILENAME, Tokenizer, TokenizerError, canonical_proto, sentencepiece_threads)
@@ -133,7 +134,8 @@ class TrainBatches:
 
     Epoch e visits the blocks in the order torch.randperm(N, seed + e) in global batches of
     B * world_size blocks, and rank r takes the r-th slice of B; the last incomplete global batch of an
-    epoch is skipped. state_dict() holds (epoch, position), so a resumed run draws the same next batch."""
+    epoch is skipped. state_dict() holds (epoch, position), so a resumed run draws the same next batch,
+    and the split version, so that it draws it from the same training documents."""
 
     def __init__(self, blocks_NT: torch.Tensor, *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
@@ -163,9 +165,10 @@ class TrainBatches:
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size, "n_blocks": len(self.blocks_NT)}
+                "world_size": self.world_size, "n_blocks": len(self.blocks_NT), "split_version": SPLIT_VERSION}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        check_split_version(state.get("split_version", UNVERSIONED_SPLIT))  # first: n_blocks would differ too
         for field in ("seed", "batch_size", "world_size", "n_blocks"):
             if state[field] != self.state_dict()[field]:
                 raise DataError(f"data state {field}={state[field]} differs from this run's "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from training import checkpoints
 from training.engine import TrainingError, ds_config_source, lr_factor, resolve_ds_config
+from training.split import check_split_version
 from zoo.checkpoint import read_spec
 from zoo.cli import resolve
 from zoo.overrides import SpecError, apply_sets, diff
@@ -46,6 +47,9 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunSpec, Path, int]:
         why = f" ({', '.join(unfinished)} never finished saving)" if unfinished else ""
         raise TrainingError(f"--resume: {out} holds no complete checkpoint to resume from{why}; start it without "
                             "--resume")
+    # Here, not with the checkpoint's data state: the data is prepared first, and a new split changes
+    # the tokenizer, which would be blamed on the corpus.
+    check_split_version(checkpoints.read_split_version(out))
     try:
         spec = read_spec(saved)
     except SpecError as err:

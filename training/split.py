@@ -6,10 +6,28 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections import deque
+from collections.abc import Iterable, Iterator
 
 from training.corpus import DataError
+
+# Bump whenever a change to this module moves documents between the splits: a run resumed across it would
+# score val/loss on another validation set and train on former validation text. Recorded with the run
+# (RUN_DIR/split.json, and the data state in each checkpoint); a run that recorded none used version 1.
+# 1: passages of raw text, sampled windows, groups ranked by their smallest member's hash.
+# 2: passages of whitespace-normalised text, winnowed windows, groups ranked by one member.
+SPLIT_VERSION = 2
+UNVERSIONED_SPLIT = 1  # the version of a run that recorded none
+
+
+def check_split_version(recorded: int) -> None:
+    """Refuse to continue a run whose data was split by another version of this module."""
+    if recorded != SPLIT_VERSION:
+        raise DataError(f"--resume: the zoo's train/validation split changed since the run started (split version "
+                        f"{recorded} -> {SPLIT_VERSION}): the run cannot continue on the same validation set; "
+                        "start a new run (another --out)")
 
 # Documents that share a passage go to the same split: a window of SHARED_CHARS characters starting
 # at a word start, found in two documents, joins them. Exact duplicates alone are not enough: pydoc's
@@ -23,11 +41,11 @@ from training.corpus import DataError
 # validation documents shares a passage with training text that way once whitespace is normalised.
 SHARED_CHARS = 64
 _SPACE = re.compile(" ")  # word starts in normalised text: position 0 and after each space
-# Above this many characters a document keeps only the smallest hash of every `run` consecutive windows
-# (winnowing, Schleimer, Wilkerson & Aiken, SIGMOD 2003), run = 2 * (chars // this) - 1: ~2 / (run + 1) =
-# 1 / (chars // this) of the windows, so memory stays ~0.5 GB on a 100k-document hub set. A passage
-# holding `run` windows (SHARED_CHARS characters and run - 1 more words) is still always found; a shorter
-# one may not be. At or below it (the builtin corpus, Shakespeare) run = 1: every window, exact.
+# Above this many characters (in all) a document keeps only the smallest hash of every `run` consecutive
+# windows (winnowing, Schleimer, Wilkerson & Aiken, SIGMOD 2003), run = 2 * ceil(chars / this) - 1:
+# ~2 / (run + 1) = 1 / ceil(chars / this) of the windows, so memory stays ~0.5 GB on a 100k-document hub
+# set. A passage holding `run` windows (SHARED_CHARS characters and run - 1 more words) is still always
+# found; a shorter one may not be. At or below it (the builtin corpus, Shakespeare) run = 1: every window, exact.
 _EXACT_GROUPING_CHARS = 32_000_000
 # The validation share is counted in documents; a group that would take validation past this many
 # times val_fraction of the characters is left in training. pydoc's quoting topics form one group of
@@ -41,46 +59,50 @@ def _normalised(doc: str) -> str:
     return " ".join(doc.split())
 
 
-def _window_hashes(text: str) -> list[int]:
+def _window_hashes(text: str) -> Iterator[int]:
     """A 64-bit hash of each SHARED_CHARS-character window of normalised `text` that starts at a word
     start (position 0 or after a space); of the whole text when it is shorter, so that short documents
-    equal up to whitespace are grouped too."""
+    equal up to whitespace are grouped too. A generator: a list would hold ~7.5 bytes a character of the
+    document (a window a word, ~40 bytes a Python int and its slot) before winnowing."""
     if len(text) < SHARED_CHARS:
-        starts = [0] if text else []
+        starts: Iterable[int] = [0] if text else []
         width = len(text)
     else:
         last = len(text) - SHARED_CHARS
-        starts = [0, *(match.end() for match in _SPACE.finditer(text, 0, last))]
+        starts = itertools.chain([0], (match.end() for match in _SPACE.finditer(text, 0, last)))
         width = SHARED_CHARS
     # blake2b, not hash(): str hashes differ between processes, and every rank must split alike
-    return [int.from_bytes(hashlib.blake2b(text[start:start + width].encode(), digest_size=8).digest())
-            for start in starts]
+    for start in starts:
+        yield int.from_bytes(hashlib.blake2b(text[start:start + width].encode(), digest_size=8).digest())
 
 
-def _winnowed(hashes: list[int], run: int) -> list[int]:
-    """The smallest hash of every `run` consecutive ones (of all of them when there are fewer), in order.
-    Two documents with `run` consecutive windows in common both keep the smallest of those windows' hashes."""
+def _winnowed(hashes: Iterable[int], run: int) -> Iterator[int]:
+    """The smallest hash of every `run` consecutive ones (of all of them when there are fewer), in order,
+    holding only the current run. Two documents with `run` consecutive windows in common both keep the
+    smallest of those windows' hashes."""
     if run == 1:
-        return hashes
-    if len(hashes) <= run:
-        return [min(hashes)] if hashes else []
-    kept: list[int] = []
-    candidates: deque[int] = deque()  # indices into the current run, hashes increasing: [0] is its minimum
+        yield from hashes
+        return
+    candidates: deque[tuple[int, int]] = deque()  # (index, hash) in the current run, hashes increasing
+    last_kept, i = None, -1
     for i, value in enumerate(hashes):
-        while candidates and hashes[candidates[-1]] >= value:
+        while candidates and candidates[-1][1] >= value:
             candidates.pop()
-        candidates.append(i)
-        if candidates[0] <= i - run:
+        candidates.append((i, value))
+        if candidates[0][0] <= i - run:
             candidates.popleft()
-        if i >= run - 1 and (not kept or kept[-1] != hashes[candidates[0]]):
-            kept.append(hashes[candidates[0]])
-    return kept
+        if i >= run - 1 and candidates[0][1] != last_kept:
+            last_kept = candidates[0][1]
+            yield last_kept
+    if 0 <= i < run - 1:  # fewer hashes than one run: their minimum
+        yield candidates[0][1]
 
 
 def _winnowing_run(total_chars: int) -> int:
     """How many consecutive windows share one kept hash for a corpus of `total_chars`: 1 (all kept) up to
-    _EXACT_GROUPING_CHARS, then 2 * keep_one_in - 1 so that ~1 / keep_one_in of the windows is kept."""
-    keep_one_in = max(1, total_chars // _EXACT_GROUPING_CHARS)
+    _EXACT_GROUPING_CHARS, then 2 * keep_one_in - 1 so that ~1 / keep_one_in of the windows is kept, with
+    keep_one_in = ceil(total_chars / _EXACT_GROUPING_CHARS): 2 from one character above it."""
+    keep_one_in = max(1, -(-total_chars // _EXACT_GROUPING_CHARS))
     return 2 * keep_one_in - 1
 
 

@@ -93,6 +93,7 @@ def build(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> tupl
         write_atomic(out / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
         write_atomic(out / "spec.json", spec.model_dump_json(indent=2) + "\n")
         tokenizer.save(out)
+        checkpoints.write_split_version(out)
     return engine, optimizer, prepared
 
 
