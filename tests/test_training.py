@@ -458,6 +458,7 @@ def test_resume_with_more_steps_says_how_the_lr_moves(tmp_path, capsys):
     (run / "checkpoints" / "step_0000100").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_0000100")
     (run / "spec.json").write_text(spec.model_dump_json())
+    checkpoints.write_split_version(run)  # as the trainer writes it: this zoo's split
     extended, _, start = trainer.resolve_run(trainer.parse_args(["--out", str(run), "--resume",
                                                                  "--set", "train.steps=300"]))
     assert start == 100 and extended.train.steps == 300
