@@ -107,7 +107,11 @@ def register(kind: Kind) -> Kind:
     if kind.slot in ("attention", "ffn") and kind.describe is None:
         raise ValueError(f"{kind.slot} kind {kind.name!r} needs a describe rule (zoo describe counts every layer)")
     _KINDS[(kind.slot, kind.name)] = kind
-    _rebuild(kind.slot)
+    try:
+        _rebuild(kind.slot)
+    except Exception:
+        unregister(kind)  # a spec the unions cannot hold leaves the registry as it was
+        raise
     return kind
 
 
