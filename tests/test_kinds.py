@@ -16,10 +16,10 @@ from experiments.base import CPU
 from zoo import presets
 from zoo.blocks.routers import Router
 from zoo.describe import describe
-from zoo.interop.hf_config import SUPPORTED
+from zoo.interop.hf_config import SUPPORTED, hf_config_dict
 from zoo.kinds import Count, Kind, Size, Spec, kinds, register, registered
 from zoo.kinds.registry import SLOTS, matrix_numel, numel
-from zoo.overrides import apply_sets
+from zoo.overrides import SpecError, apply_sets
 from zoo.presets.tiny import tiny
 from zoo.specs import MHASpec, ModelSpec, MoESpec, RopeSpec, RunSpec
 
@@ -151,6 +151,8 @@ def test_a_kind_registered_in_a_test_is_built_shrunk_described_and_checked(one_t
         assert RunSpec.model_validate_json(small.model_dump_json()) == small
         assert {b["kind"] for b in describe(small)["blocks"] if b["name"].endswith("attention")} == {"cmean"}
         _check_run(small, "the cumulative_mean kind")
+        with pytest.raises(SpecError, match="kind='cumulative_mean': no Hugging Face format has this attention"):
+            hf_config_dict(small)
         # Per-layer overrides hold the new kind too.
         mixed = ModelSpec(n_layers=2, overrides=[{"layers": [1], "attention": {"kind": "cumulative_mean"}}])
         assert [layer.attention.kind for layer in mixed.layer_specs()] == ["mha", "cumulative_mean"]
