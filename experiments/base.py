@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from zoo import presets
+from zoo.kinds import shrink
 from zoo.overrides import apply_sets, diff, with_changes
 from zoo.specs import RunSpec
 
@@ -43,51 +44,33 @@ class Scale:
     width_factor: float
     mla_factor: float
 
+    max_experts: ClassVar[None] = None  # expert counts are kept
+
     def __call__(self, spec: RunSpec) -> RunSpec:
         data = spec.model_dump(mode="json")
         model = data["model"]
         model.update(d_model=self.d_model, n_layers=self.n_layers, max_seq_len=self.seq_len,
                      vocab_size=self.vocab_size)
         model["first_k_dense"] = min(model["first_k_dense"], self.n_layers - 1)
-        self._shrink(model)
+        shrink(spec.model, model, self)
         data["data"]["seq_len"] = self.seq_len
         return RunSpec.model_validate(data)
 
-    def _width(self, value: int) -> int:
+    # What each sort of dimension becomes (zoo.kinds.Size); each kind's shrink rule says which are which.
+
+    def kv_heads(self, n_heads: int, n_kv_heads: int) -> int:
+        # Keep the query-to-kv-head ratio (GQA stays GQA, MQA stays MQA).
+        return max(1, n_kv_heads * self.n_heads // n_heads)
+
+    def width(self, value: int, *, toy: int) -> int:
         return max(1, round(value * self.width_factor))
 
-    def _mla(self, value: int, even: bool = False) -> int:
+    def per_head(self, value: int, *, toy: int, even: bool = False) -> int:
         scaled = max(2 if even else 1, round(value * self.mla_factor))
         return scaled + scaled % 2 if even else scaled
 
-    def _shrink(self, node: Any) -> None:
-        if isinstance(node, list):
-            for item in node:
-                self._shrink(item)
-            return
-        if not isinstance(node, dict):
-            return
-        kind = node.get("kind")
-        if kind == "mha":
-            heads, kv = node["n_heads"], node["n_kv_heads"]
-            node["n_heads"] = self.n_heads
-            if kv is not None:  # keep the query-to-kv-head ratio (GQA stays GQA, MQA stays MQA)
-                node["n_kv_heads"] = max(1, kv * self.n_heads // heads)
-            if node["head_dim"] is not None:
-                node["head_dim"] = self.d_model // self.n_heads
-        elif kind == "mla":
-            node.update(n_heads=self.n_heads, kv_lora_rank=self._mla(node["kv_lora_rank"]),
-                        qk_nope_head_dim=self._mla(node["qk_nope_head_dim"]),
-                        qk_rope_head_dim=self._mla(node["qk_rope_head_dim"], even=True),
-                        v_head_dim=self._mla(node["v_head_dim"]))
-            if node["q_lora_rank"] is not None:
-                node["q_lora_rank"] = self._mla(node["q_lora_rank"])
-        elif kind == "mlp":
-            node["d_hidden"] = self._width(node["d_hidden"])
-        elif kind == "moe":
-            node["d_expert"] = self._width(node["d_expert"])
-        for value in node.values():
-            self._shrink(value)
+    def context(self, value: int) -> int:
+        return value
 
 
 # d_model 384 -> 128 (x 1/3), 6 -> 4 layers, 8 -> 4 heads (head_dim 48 -> 32), context 512 -> 256

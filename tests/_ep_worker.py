@@ -35,7 +35,7 @@ from training.expert_parallel import (
 )
 from zoo import presets
 from zoo.blocks.moe import dropless_dispatch
-from zoo.blocks.routers import SigmoidGroupTopKRouter, SoftmaxTopKRouter
+from zoo.blocks.routers import Router
 
 MICRO_BATCH, SEQ = 2, 32
 MUON_LR, ADAM_LR = 0.02, 3e-3
@@ -63,12 +63,7 @@ def ds_config(zero_stage: int, precision: str) -> dict:
 def param_groups(model) -> list[dict]:
     """The trainer's split: Muon for hidden matrices (experts per expert), AdamW for the rest."""
     special = {id(model.embed.weight), id(model.lm_head.weight)}
-    routers = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, (SoftmaxTopKRouter, SigmoidGroupTopKRouter))
-        for p in m.parameters()
-    }
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
     muon, adam = [], []
     for p in model.parameters():
         p.use_muon = p.ndim >= 2 and id(p) not in special and id(p) not in routers

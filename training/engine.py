@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from training.mfu import cpu_has_native_bf16
-from zoo.blocks.routers import SigmoidGroupTopKRouter, SoftmaxTopKRouter
+from zoo.blocks.routers import Router
 from zoo.host import usable_cpus
 from zoo.specs import RunSpec
 
@@ -185,8 +185,7 @@ def optimizer_groups(model: nn.Module, spec: RunSpec, device: torch.device | Non
     on_cpu = device is None or device.type == "cpu"
     ns_method = "standard" if on_cpu and cpu_has_native_bf16() else "gram"
     special = {id(model.embed.weight), id(model.lm_head.weight)}
-    routers = {id(p) for m in model.modules() if isinstance(m, (SoftmaxTopKRouter, SigmoidGroupTopKRouter))
-               for p in m.parameters()}
+    routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
     muon, adam, adam_no_decay = [], [], []
     for param in model.parameters():
         if param.ndim >= 2 and id(param) not in special and id(param) not in routers:

@@ -39,7 +39,6 @@ from training.report import StepStats
 from training.resume import DEFAULT_PRESET, resolve_run
 from training.signals import StopFlag
 from training.validation import evaluate, hellaswag_scores
-from zoo.blocks.routers import SigmoidGroupTopKRouter
 from zoo.checkpoint import save_run_folder
 from zoo.describe import describe
 from zoo.overrides import SpecError
@@ -150,8 +149,7 @@ def _start(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> _Ru
     observer.scalars(start_step, {"perf/startup_s": startup_s,
                                   **({} if math.isnan(machine_peak) else {"perf/peak_flops": machine_peak})})
     stop = StopFlag(announce=rank0)
-    biased = {i: m.router for i, m in engine.module.moe_layers().items()
-              if isinstance(m.router, SigmoidGroupTopKRouter)}
+    biased = {i: m.router for i, m in engine.module.moe_layers().items() if m.router.has_routing_bias}
     return _Run(spec, out, env, engine, optimizer, prepared.tokenizer, train_batches, val_batches, observer, stop,
                 biased, flops_per_token, machine_peak, start_step, tokens_seen, args.stop_after)
 

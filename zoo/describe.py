@@ -12,20 +12,18 @@ Conventions:
   at T = max_seq_len. Norms, activations and softmax are left out (well under 1%).
 - KV-cache bytes per token in bf16: MHA/GQA cache K and V for their kv heads; MLA caches only the
   latent (kv_lora_rank) and the shared rotary key (qk_rope_head_dim).
+
+Each layer's attention and FFN are counted by their kind's `describe` rule (zoo/kinds/).
 """
 
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 
-from zoo.blocks.mha import MultiHeadAttention
-from zoo.blocks.mla import MultiHeadLatentAttention
-from zoo.blocks.moe import MoE
 from zoo.builders import build
+from zoo.kinds import kind_of
+from zoo.kinds.registry import numel
 from zoo.specs import ModelSpec, RunSpec
-
-CACHE_BYTES = 2  # bf16
 
 
 @dataclass
@@ -38,68 +36,29 @@ class BlockRow:
     kv_cache_bytes_per_token: int = 0
 
 
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _matrix_numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.ndim >= 2)
-
-
-def _attention_row(name: str, attn: nn.Module, seq_len: int) -> tuple[BlockRow, int]:
-    """The attention's row and the KV-cache bytes an MHA with the same heads would need."""
-    mean_keys = (seq_len + 1) / 2
-    if isinstance(attn, MultiHeadLatentAttention):
-        kind = "mla"
-        per_key = 2 * attn.n_heads * (attn.qk_dim + attn.v_dim)
-        cache = (attn.kv_lora_rank + attn.rope_dim) * CACHE_BYTES
-        mha_cache = attn.n_heads * (attn.qk_dim + attn.v_dim) * CACHE_BYTES
-    elif isinstance(attn, MultiHeadAttention):
-        kind = "mha" if attn.n_kv_heads == attn.n_heads else ("mqa" if attn.n_kv_heads == 1 else "gqa")
-        per_key = 2 * attn.n_heads * 2 * attn.head_dim
-        cache = 2 * attn.n_kv_heads * attn.head_dim * CACHE_BYTES
-        mha_cache = 2 * attn.n_heads * attn.head_dim * CACHE_BYTES
-    else:
-        raise TypeError(f"describe does not know attention {type(attn).__name__}")
-    params = _numel(attn)
-    flops = 2 * _matrix_numel(attn) + round(per_key * mean_keys)
-    return BlockRow(name, kind, params, params, flops, cache), mha_cache
-
-
-def _ffn_row(name: str, ffn: nn.Module) -> BlockRow:
-    params = _numel(ffn)
-    if not isinstance(ffn, MoE):
-        return BlockRow(name, "mlp", params, params, 2 * _matrix_numel(ffn))
-    experts = _numel(ffn.experts)
-    top_k, n_experts = ffn.router.top_k, ffn.router.n_experts
-    # Active routed params = experts * K / E exactly, since every expert has the same size.
-    active_experts = experts // n_experts * top_k
-    active = params - experts + active_experts
-    flops = 2 * (_matrix_numel(ffn) - experts + active_experts)
-    return BlockRow(name, "moe", params, active, flops)
-
-
 def describe(spec: ModelSpec | RunSpec, seq_len: int | None = None) -> dict:
     """Counts for `spec`; attention FLOPs at `seq_len` (default: the model's max_seq_len)."""
     model_spec = spec.model if isinstance(spec, RunSpec) else spec
     seq_len = seq_len or model_spec.max_seq_len
     with torch.device("meta"):
         model = build(model_spec)
-    rows = [BlockRow("embed", "embedding", _numel(model.embed), _numel(model.embed), 0)]
+    rows = [BlockRow("embed", "embedding", numel(model.embed), numel(model.embed), 0)]
     norms = model.norm.weight.numel()
     mha_cache_total = 0
-    for i, layer in enumerate(model.layers):
-        row, mha_cache = _attention_row(f"layers.{i}.attention", layer.attention, seq_len)
-        rows.append(row)
-        rows.append(_ffn_row(f"layers.{i}.ffn", layer.ffn))
-        mha_cache_total += mha_cache
-        norms += _numel(layer.attention_norm) + _numel(layer.ffn_norm)
+    for i, (layer, layer_spec) in enumerate(zip(model.layers, model_spec.layer_specs())):
+        for slot in ("attention", "ffn"):
+            spec = getattr(layer_spec, slot)
+            count = kind_of(spec).describe(getattr(layer, slot), seq_len)
+            rows.append(BlockRow(f"layers.{i}.{slot}", count.label, count.params, count.active_params,
+                                 count.flops_per_token, count.kv_cache_bytes_per_token))
+            mha_cache_total += count.kv_cache_bytes_mha_equivalent
+        norms += numel(layer.attention_norm) + numel(layer.ffn_norm)
     rows.append(BlockRow("norms", "rmsnorm", norms, norms, 0))
     tied = model.lm_head.weight is model.embed.weight
     head_params = 0 if tied else model.lm_head.weight.numel()
     rows.append(BlockRow("lm_head" + (" (tied to embed)" if tied else ""), "linear", head_params, head_params,
                          2 * model.lm_head.weight.numel()))
-    total = _numel(model)
+    total = numel(model)
     if sum(r.params for r in rows) != total:
         raise AssertionError("describe's per-block rows do not add up to the module's parameters")
     return {

@@ -22,7 +22,6 @@ from zoo.blocks.lm_loss import linear_cross_entropy
 from zoo.blocks.moe import MoE, RouterStats
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import check_positions
-from zoo.blocks.routers import SigmoidGroupTopKRouter
 
 IGNORE_INDEX = -100
 
@@ -81,7 +80,7 @@ class DecoderLM(nn.Module):
         """Auxiliary-loss-free balancing, once per optimizer step: `loads` maps a layer index to its
         expert loads summed over the accumulation window (and data-parallel ranks)."""
         for index, moe in self.moe_layers().items():
-            if isinstance(moe.router, SigmoidGroupTopKRouter) and index in loads:
+            if moe.router.has_routing_bias and index in loads:
                 moe.router.update_bias(loads[index])
 
     def forward(

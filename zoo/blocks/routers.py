@@ -29,7 +29,20 @@ def _fp32_routing(x: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-class SoftmaxTopKRouter(nn.Module):
+class Router(nn.Module):
+    """What every router is. Its parameters (the gate) train on AdamW, not Muon, whatever their shape. A
+    router with an auxiliary-loss-free bias sets `has_routing_bias`, holds the bias in the buffer
+    `e_score_correction_bias` (logged to TensorBoard) and implements `update_bias`."""
+
+    has_routing_bias = False
+    n_experts: int
+    top_k: int
+
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no routing bias")
+
+
+class SoftmaxTopKRouter(Router):
     """Softmax over E logits, keep the top K (Switch Transformer, GShard, Mixtral).
 
     Auxiliary losses: the Switch balance loss E * sum_e f_e * P_e (Fedus et al., 2021, eq. 4), with
@@ -78,7 +91,7 @@ class SoftmaxTopKRouter(nn.Module):
         return Routing(weights_TK, experts_TK, aux_loss, probs_TE)
 
 
-class SigmoidGroupTopKRouter(nn.Module):
+class SigmoidGroupTopKRouter(Router):
     """DeepSeek-V3 routing (arXiv:2412.19437, section 2.1.2), also used by GLM-4.5.
 
     Scores s = sigmoid(logits). Selection uses s + b, with b = `e_score_correction_bias`, which
@@ -91,6 +104,8 @@ class SigmoidGroupTopKRouter(nn.Module):
     b += rate * sign(mean load - load). An optional sequence-wise balance loss (eq. 17-20) guards
     against extreme imbalance within one sequence.
     """
+
+    has_routing_bias = True
 
     def __init__(
         self,

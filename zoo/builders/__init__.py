@@ -1,7 +1,7 @@
-"""Builders: spec -> fdl.Config graph of zoo.blocks classes, one builder per kind."""
+"""Builders: spec -> fdl.Config graph of zoo.blocks classes. Each kind's builder is part of its
+registration in `zoo.kinds`; `build_slot` picks it by the spec's `kind`."""
 
-from zoo.builders import attention, ffn  # noqa: F401  (registers the builders)
 from zoo.builders.model import build, model_config
-from zoo.builders.registry import build_slot, kinds, register
+from zoo.kinds import build_slot
 
-__all__ = ["build", "build_slot", "kinds", "model_config", "register"]
+__all__ = ["build", "build_slot", "model_config"]

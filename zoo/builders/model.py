@@ -5,7 +5,7 @@ from torch import nn
 
 from zoo.blocks.block import TransformerBlock
 from zoo.blocks.model import DecoderLM
-from zoo.builders.registry import build_slot
+from zoo.kinds import build_slot
 from zoo.specs import ModelSpec, RunSpec
 
 

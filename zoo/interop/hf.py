@@ -32,17 +32,16 @@ from torch import nn
 from zoo.blocks.model import DecoderLM
 from zoo.builders import build
 from zoo.interop.hf_config import (  # noqa: F401  (spec_from_hf_config: part of this module's API)
-    MHA_FORMAT,
-    MLA_FORMAT,
     SPECIAL_TOKENS,
     hf_config_dict,
+    hf_format,
     read_hf_config,
     spec_from_hf_config,
     transformers_module,
 )
 from zoo.interop.hf_weights import SafetensorsDir, hf_tensors, load_hf_weights, write_safetensors
 from zoo.overrides import SpecError
-from zoo.specs import DataSpec, MLASpec, ModelSpec, RunSpec
+from zoo.specs import DataSpec, ModelSpec, RunSpec
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = (
@@ -131,7 +130,7 @@ def import_hf(source: str | Path, run_dir: str | Path) -> list[str]:
     model, spec = from_hf(source)
     data = DataSpec(seq_len=min(DataSpec().seq_len, spec.max_seq_len))
     save_run_folder(model, RunSpec(model=spec, data=data), run_dir)
-    kind = MLA_FORMAT if isinstance(spec.attention, MLASpec) else MHA_FORMAT
+    kind = hf_format(spec.attention)
     n_params = sum(p.numel() for p in model.parameters())
     lines = [f"imported {kind} ({spec.n_layers} layers, {n_params / 1e6:.2f}M parameters) from {source} into {run_dir}"]
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from zoo.blocks.rope import yarn_mscale
+from zoo.kinds import Spec, kind_of
 from zoo.overrides import SpecError
 from zoo.specs import (
     DynamicNTKScaling,
@@ -245,8 +246,8 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
     spec = spec.model if isinstance(spec, RunSpec) else spec
     attention, n_dense, dense, moe = _uniform_layout(spec)
     where = "model.attention"
-    if isinstance(attention, MLASpec):
-        model_type = MLA_FORMAT
+    model_type = hf_format(attention)
+    if model_type == MLA_FORMAT:
         fields = dict(
             num_attention_heads=attention.n_heads,
             num_key_value_heads=attention.n_heads,
@@ -260,7 +261,6 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
             rope_parameters=_rope_to_hf(attention.rope, spec, where=f"{where}.rope", mla=True),
         )
     else:
-        model_type = MHA_FORMAT
         rope = _rope_to_hf(attention.rope, spec, where=f"{where}.rope", mla=False)
         rope["partial_rotary_factor"] = attention.rotary_fraction  # always written: glm4_moe defaults to 0.5
         fields = dict(
@@ -273,7 +273,7 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
         )
     if moe is not None:
         router = moe.router
-        if not isinstance(router, SigmoidGroupTopKRouterSpec):
+        if model_type not in kind_of(router).hf_formats:
             raise SpecError(f"model.ffn.router.kind={router.kind!r}: {model_type} routes with sigmoid scores and a "
                             "correction bias (sigmoid_group_topk); a softmax top-k router cannot be expressed")
         if router.n_groups > 1 and moe.n_experts // router.n_groups < 2:
@@ -308,6 +308,15 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
         **moe_fields,
         **{name: (special_tokens or {}).get(name) for name in SPECIAL_TOKENS},
     )
+
+
+def hf_format(attention: Spec) -> str:
+    """The HF model_type whose attention is `attention`'s kind (zoo/kinds/ says which kind maps where)."""
+    formats = kind_of(attention).hf_formats
+    if len(formats) != 1:
+        raise SpecError(f"model.attention.kind={attention.kind!r}: no Hugging Face format has this attention; "
+                        f"the zoo writes {' and '.join(SUPPORTED)}")
+    return formats[0]
 
 
 def _uniform_layout(spec: ModelSpec) -> tuple[MHASpec | MLASpec, int, MLPSpec | None, MoESpec | None]:

@@ -1,0 +1,171 @@
+"""Registry-driven: every registered kind (attention, FFN, router, RoPE scaling), whether or not a preset
+uses it, builds at toy size, trains a step's worth, is described truthfully and stays causal. A kind
+registered later (here, a toy attention) goes through the same code paths with no other edit.
+"""
+
+from typing import Literal
+
+import fiddle as fdl
+import pytest
+import torch
+from pydantic import Field, ValidationError
+from torch import nn
+
+import zoo
+from experiments.base import CPU
+from zoo import presets
+from zoo.blocks.routers import Router
+from zoo.describe import describe
+from zoo.interop.hf_config import SUPPORTED, hf_config_dict
+from zoo.kinds import Count, Kind, Size, Spec, kinds, register, registered
+from zoo.kinds.registry import SLOTS, matrix_numel, numel
+from zoo.overrides import SpecError, apply_sets
+from zoo.presets.tiny import tiny
+from zoo.specs import MHASpec, ModelSpec, MoESpec, RopeSpec, RunSpec
+
+KINDS = [kind for slot in SLOTS for kind in kinds(slot)]
+
+
+def _run_using(kind: Kind) -> RunSpec:
+    """A run at toy size whose every layer uses `kind` (with its defaults): routers inside a MoE, RoPE
+    scalings inside an MHA. Going through tiny() exercises the kind's shrink rule too."""
+    spec = kind.spec()
+    place = {"attention": lambda: dict(attention=spec), "ffn": lambda: dict(ffn=spec),
+             "router": lambda: dict(ffn=MoESpec(router=spec)),
+             "rope_scaling": lambda: dict(attention=MHASpec(rope=RopeSpec(scaling=spec)))}
+    return tiny(RunSpec(model=ModelSpec(**place[kind.slot]())))
+
+
+def _check_run(spec: RunSpec, label: str) -> None:
+    """Forward and backward with a gradient for every parameter, describe's counts equal the module's,
+    and no logit sees a later token."""
+    model = zoo.build(spec)
+    vocab, T = spec.model.vocab_size, spec.model.max_seq_len
+    # 4 x 64 tokens: enough assignments that every expert of a toy MoE is routed to at least once.
+    ids = torch.randint(0, vocab, (4, T))
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss), label
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{label}: {name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{label}: {name} has a non-finite gradient"
+        assert param.grad.abs().sum() > 0, f"{label}: {name} has an all-zero gradient"
+
+    info = describe(spec)
+    assert info["total_params"] == numel(model), label
+    rows = {row["name"]: row for row in info["blocks"]}
+    for i, layer in enumerate(model.layers):
+        assert rows[f"layers.{i}.attention"]["params"] == numel(layer.attention), label
+        assert rows[f"layers.{i}.ffn"]["params"] == numel(layer.ffn), label
+
+    model.eval()
+    with torch.no_grad():
+        base = model(ids).logits
+        for t in (1, T // 2, T - 3):
+            changed = ids.clone()
+            changed[:, t:] = (changed[:, t:] + 1) % vocab
+            logits = model(changed).logits
+            assert (logits[:, :t] - base[:, :t]).abs().max() < 1e-5, f"{label}: a position < {t} saw the future"
+            assert (logits[:, t:] - base[:, t:]).abs().max() > 1e-4, f"{label}: the check cannot fail"
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"{k.slot}:{k.name}")
+def test_every_registered_kind_builds_trains_is_described_and_causal(kind, one_thread):
+    _check_run(_run_using(kind), f"{kind.slot} kind {kind.name}")
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"{k.slot}:{k.name}")
+def test_every_registered_kind_round_trips_and_maps_to_known_hf_formats(kind):
+    spec = _run_using(kind)
+    assert RunSpec.model_validate_json(spec.model_dump_json()) == spec
+    assert set(kind.hf_formats) <= set(SUPPORTED)
+    if kind.slot == "attention":
+        assert len(kind.hf_formats) <= 1, "an attention is the layout of at most one HF format"
+
+
+def test_the_registry_holds_every_slot():
+    assert {slot: {k.name for k in kinds(slot)} for slot in SLOTS} == {
+        "attention": {"mha", "mla"}, "ffn": {"mlp", "moe"}, "router": {"softmax_topk", "sigmoid_group_topk"},
+        "rope_scaling": {"none", "linear", "dynamic_ntk", "yarn"},
+    }
+
+
+@pytest.mark.parametrize("kind", kinds("router"), ids=lambda k: k.name)
+def test_router_blocks_say_their_roles(kind):
+    """The optimizer puts every parameter a Router owns on AdamW, and the trainer updates the biases of
+    routers that have one: both read the block, so every router kind must be a Router."""
+    model = zoo.build(_run_using(kind))
+    for layer in model.layers:
+        router = layer.ffn.router
+        assert isinstance(router, Router)
+        assert router.has_routing_bias == hasattr(router, "e_score_correction_bias")
+
+
+# ----------------------------------------------------------------------------- a kind added in a test
+
+TOY_VALUE = 16
+
+
+class CumulativeMean(nn.Module):
+    """Toy attention: position t mixes the mean of the values at positions 0..t (causal by construction)."""
+
+    def __init__(self, *, d_model: int, d_value: int):
+        super().__init__()
+        self.value = nn.Linear(d_model, d_value, bias=False)
+        self.out = nn.Linear(d_value, d_model, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        v_BTV = self.value(x_BTD)
+        seen_T1 = torch.arange(1, x_BTD.shape[1] + 1, device=x_BTD.device, dtype=v_BTV.dtype)[:, None]
+        return self.out(v_BTV.cumsum(dim=1) / seen_T1)
+
+
+class CumulativeMeanSpec(Spec):
+    kind: Literal["cumulative_mean"] = "cumulative_mean"
+    d_value: int = Field(256, ge=1)
+
+
+def _build(spec: CumulativeMeanSpec, *, d_model: int, norm_eps: float) -> fdl.Config:
+    return fdl.Config(CumulativeMean, d_model=d_model, d_value=spec.d_value)
+
+
+def _shrink(node: dict, size: Size) -> None:
+    node["d_value"] = size.width(node["d_value"], toy=TOY_VALUE)
+
+
+def _describe(attn: CumulativeMean, seq_len: int) -> Count:
+    params = numel(attn)
+    return Count("cmean", params, params, 2 * matrix_numel(attn))
+
+
+CUMULATIVE_MEAN = Kind("attention", CumulativeMeanSpec, build=_build, shrink=_shrink, describe=_describe)
+
+
+def test_a_kind_registered_in_a_test_is_built_shrunk_described_and_checked(one_thread):
+    with registered(CUMULATIVE_MEAN):
+        spec = apply_sets(presets.get("baseline"), ["model.attention.kind=cumulative_mean"])
+        assert spec.model.attention == CumulativeMeanSpec()
+        small = tiny(spec)
+        assert small.model.attention.d_value == TOY_VALUE
+        assert CPU(spec).model.attention.d_value == round(256 * CPU.width_factor)
+        assert RunSpec.model_validate_json(small.model_dump_json()) == small
+        assert {b["kind"] for b in describe(small)["blocks"] if b["name"].endswith("attention")} == {"cmean"}
+        _check_run(small, "the cumulative_mean kind")
+        with pytest.raises(SpecError, match="kind='cumulative_mean': no Hugging Face format has this attention"):
+            hf_config_dict(small)
+        # Per-layer overrides hold the new kind too.
+        mixed = ModelSpec(n_layers=2, overrides=[{"layers": [1], "attention": {"kind": "cumulative_mean"}}])
+        assert [layer.attention.kind for layer in mixed.layer_specs()] == ["mha", "cumulative_mean"]
+    assert CUMULATIVE_MEAN not in kinds("attention")
+    with pytest.raises(ValidationError, match="cumulative_mean"):
+        RunSpec.model_validate({"model": {"attention": {"kind": "cumulative_mean"}}})
+
+
+def test_a_registration_is_checked():
+    with pytest.raises(ValueError, match="already registered"):
+        register(kinds("attention")[0])
+    with pytest.raises(ValueError, match="needs a describe rule"):
+        register(Kind("attention", CumulativeMeanSpec, build=_build))
+    with pytest.raises(ValueError, match="slot 'mixer' is not one of"):
+        register(Kind("mixer", CumulativeMeanSpec, build=_build, describe=_describe))
+    assert CumulativeMeanSpec not in {k.spec for k in kinds("attention")}
