@@ -115,7 +115,7 @@ def test_matmul_peak_skips_sizes_that_would_exceed_its_budget(monkeypatch):
 
 
 def test_matmul_peak_is_measured_on_the_device_asked_for(monkeypatch):
-    """It used to create its matrices without a device: a GPU's MFU was divided by the CPU's peak."""
+    """The probe's matrices live on the device asked for, or a GPU's MFU would be divided by the CPU's peak."""
     devices = []
     real_mm = torch.mm
 
@@ -221,13 +221,14 @@ def test_datasheet_peak_matches_the_gpu_model(monkeypatch, name, peak):
 
 @pytest.mark.parametrize("name", ["NVIDIA L40S", "NVIDIA A10G", "Tesla T4"])
 def test_a_gpu_missing_from_the_table_is_measured_on_itself(monkeypatch, name):
-    """"NVIDIA L40S" contains "L4" and used to get the L4's peak (121 TFLOP/s; an L40S has ~3x that)."""
+    """Names match word by word, not by substring: "NVIDIA L40S" contains "L4", whose peak (121 TFLOP/s)
+    is about a third of an L40S's."""
     assert _peak_on_a_fake_gpu(monkeypatch, name, torch.bfloat16) == ("measured", torch.bfloat16, torch.device("cuda"))
 
 
 def test_fp32_on_a_gpu_is_half_the_bf16_peak_only_with_tf32(monkeypatch):
     """Without TF32 (PyTorch's default) fp32 matmuls run on CUDA cores, 67 against 989 TFLOP/s on an
-    H100: the table cannot say, so it is measured; it used to be the TF32 rate whatever the setting."""
+    H100: the table cannot say, so it is measured; the table's TF32 rate holds only where TF32 is allowed."""
     name, was = "NVIDIA H100 80GB HBM3", torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
