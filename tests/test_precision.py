@@ -156,8 +156,8 @@ def _measure_with_share(monkeypatch, rate: float, share: float) -> list:
 
 
 def test_only_a_quiet_cpu_peak_is_cached(monkeypatch, tmp_path, recwarn):
-    """A peak measured on a busy machine stayed cached for good: every later MFU read ~1.6x too high
-    (91.6 GFLOP/s cached while a test suite ran beside the trainer, 147 measured alone)."""
+    """A peak measured on a busy machine is not cached: kept, it would make every later MFU read ~1.6x
+    too high (91.6 GFLOP/s measured while a test suite ran beside the trainer, 147 measured alone)."""
     calls = _measure_with_share(monkeypatch, 91.6e9, 0.55)
     for _ in range(2):  # busy: used for this run, measured again by the next
         with pytest.warns(mfu.BusyPeakWarning, match=r"91\.6 GFLOP/s.*got 55% of its threads' time"):
@@ -175,8 +175,8 @@ def test_cpu_share_counts_the_largest_sizes_timed_matmuls_alone(monkeypatch):
     """measure_cpu_peak's share is CPU time over wall time x threads, of the largest size's timed
     matmuls only. Fake clocks: the setup (random matrices) takes 1 s of wall and 1 s of CPU time, on one
     thread; a matmul of the probe size 0.5 s of wall and 0.5 s of CPU time (one busy thread of two), of
-    the larger sizes 0.5 s and 0.6 s. Counting the setup in, a quiet machine's share fell with its core
-    count (8 cores: 0.79 against QUIET_CPU_SHARE 0.8)."""
+    the larger sizes 0.5 s and 0.6 s. Counting the setup in would make a quiet machine's share fall with
+    its core count (8 cores: 0.79 against QUIET_CPU_SHARE 0.8)."""
     clock = {"wall": 0.0, "cpu": 0.0}
     sizes = []
 
