@@ -2,7 +2,7 @@
 # Blueberry Zoo GPU check: bf16 matmul TFLOP/s, flash attention on our attention blocks, grouped-GEMM
 # MoE dispatch vs the per-expert loop, our CPU tests under this torch, the train-step benchmark at
 # ~0.5B parameters against transformers (tokens/s, MFU), and the real DeepSpeed trainer at the same
-# size. Needs one NVIDIA GPU. With --compile it took 457 s on an H200 (2026-11-28: trainstep 273 s,
+# size. Needs one NVIDIA GPU. With --compile it took 457 s on an H200 (trainstep 273 s,
 # trainer 153 s at its cap; benchmarks/results/gpu_check_h200.txt). Caps keep it under 8 minutes:
 # pytest 60 s, trainstep 300 s, trainer 100 s.
 # --compile: benchmark and train with torch.compile.

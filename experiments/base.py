@@ -259,7 +259,3 @@ def spec_sets(start: RunSpec, target: RunSpec) -> list[str]:
     walk(start.model_dump(mode="json"), target.model_dump(mode="json"), "")
     return sets
 
-
-def log_spaced(low: float, high: float, n: int) -> list[float]:
-    """n values from low to high, evenly spaced in log, rounded to 3 significant digits."""
-    return [float(f"{low * (high / low) ** (i / (n - 1)):.3g}") for i in range(n)]

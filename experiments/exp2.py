@@ -4,9 +4,8 @@ Hypothesis: the project default (train.muon_lr 0.02) lies near the minimum of fi
 at this scale and budget. Learning rates spaced by factors of 2 (log-spaced) around it; AdamW's rate
 for embeddings, head, norms and biases stays at 3e-3.
 
-MUON_LRS spans 0.00125-0.08, centred on 0.01. Before 7aa0e47, DeepSpeed's ZeRO-1 clip divided every
-orthogonalised Muon update by its norm (~96), so the first sweep ran 0.005-5.12 and found its best at
-1.28-2.56, which is 0.013-0.027 in post-fix units.
+MUON_LRS spans 0.00125-0.08 in factors of 2, centred on 0.01, so the default sits inside the grid with
+room on both sides for the minimum to show.
 """
 
 from dataclasses import replace

@@ -19,8 +19,7 @@ from zoo.presets.core import ACTIVE_FFN_HIDDEN
 N_EXPERTS = (4, 8, 16)
 TOP_K = (1, 2, 4)
 # exp2's best (0.02, the project default) and the value one halving below it (0.01, within 0.012 of it):
-# both in the flat region of exp2's curve, where 0.04 is already 0.088 worse. Before 7aa0e47, ZeRO-1
-# divided every Muon update by a norm of ~100-230 here, and this grid was (0.02, 1.28).
+# both in the flat region of exp2's curve, where 0.04 is already 0.088 worse.
 MUON_LRS = (0.01, 0.02)
 N_SHARED = 1  # the GLM-4.5 MoE's shared expert, as wide as a routed one
 

@@ -40,7 +40,7 @@ from zoo.blocks.routers import Router
 MICRO_BATCH, SEQ = 2, 32
 MUON_LR, ADAM_LR = 0.02, 3e-3
 # On, so the global norm must count every expert shard once. This worker calls deepspeed.initialize
-# directly, without training.engine's clip before Newton-Schulz (7aa0e47): under ZeRO-1/2 the norm
+# directly, without the trainer's clip of the raw gradients before Newton-Schulz: under ZeRO-1/2 the norm
 # DeepSpeed takes and clips by is that of the orthogonalised Muon updates (plus AdamW's raw gradients),
 # far above 1, so every update is divided by it. Fine for comparing ep_size 1 and 2, which share that
 # order; the trainer's raw-gradient clip is tested in tests/test_training.py.

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from benchmarks import moe_layer, train_step
+from benchmarks import moe_layer, train_step, train_step_contenders, train_step_report
 from training import mfu
 from zoo import presets
 from zoo.describe import describe
@@ -18,10 +18,10 @@ from zoo.overrides import apply_sets
 
 TOY = ["model.n_layers=1", "model.vocab_size=256", "data.seq_len=32", "train.micro_batch_size=2"]
 TOY_CHILD = ["--preset", "perf_w1", *[f"--set={s}" for s in TOY], "--device", "cpu", "--probe-steps", "1",
-             "--child", json.dumps(asdict(train_step.Candidate("zoo", "fp32")))]
+             "--child", json.dumps(asdict(train_step_contenders.Candidate("zoo", "fp32")))]
 # Repeated probes of one candidate reported step memories up to 8 MiB apart (53-59 MiB, zoo fp32, W1 at one
-# layer and batch 1, 2-core EPYC; 34.0-34.1 MiB at TOY): page-granular RSS, threads' scratch. The defects this
-# guards against moved TOY's figure from 87 MiB to 703 (a parent holding 1 GiB) and to 15 (memory freed first).
+# layer and batch 1, 2-core EPYC; 34.0-34.1 MiB at TOY): page-granular RSS, threads' scratch. The errors this
+# guards against are far larger: counting a parent's 1 GiB reads ~703 MiB at TOY, missing memory freed first ~15.
 STEP_MEMORY_NOISE = 16 * 2**20
 RUN_CHILD = "import sys\nfrom benchmarks.train_step import main\nmain(sys.argv[1:])"
 # A parent holding 1 GiB (touched, so resident) launches the probe, as the benchmark's parent launches its own.
@@ -54,7 +54,8 @@ def _gradient_bytes() -> int:
 
 @pytest.mark.slow
 def test_probe_step_memory_is_not_the_parents_peak(plain_probe_step_bytes):
-    """getrusage's peak, which the probe used, starts at the parent's: from this parent it said 1.1 GiB more."""
+    """The probe reads its own resident high-water mark: getrusage's peak starts at the parent's, and from
+    this parent it would say 1.1 GiB more."""
     from_big_parent = _probe_step_bytes(FROM_A_BIG_PARENT, RUN_CHILD, *TOY_CHILD)
     assert abs(from_big_parent - plain_probe_step_bytes) < STEP_MEMORY_NOISE, (from_big_parent, plain_probe_step_bytes)
 
@@ -77,8 +78,8 @@ def test_train_step_benchmark_compares_the_same_workload(tmp_path, capsys):
     assert train_step.main(argv) == 0
     result = json.loads(out.read_text())
     losses = result["fp32_loss"]
-    assert abs(losses["zoo"] - losses["transformers"]) < train_step.LOSS_TOLERANCE
-    assert result["fp32_logits_max_abs_diff"] <= train_step.LOGITS_TOLERANCE
+    assert abs(losses["zoo"] - losses["transformers"]) < train_step_contenders.LOSS_TOLERANCE
+    assert result["fp32_logits_max_abs_diff"] <= train_step_contenders.LOGITS_TOLERANCE
     assert len(result["probes"]) == 4 and all(p.get("seconds", 0) > 0 for p in result["probes"])
     # Model FLOPs are describe's forward FLOPs per token of the benchmarked spec, x 3 for a train step; MFU
     # divides them by the matmul peak measured for the row's dtype (measured again where the machine was
@@ -108,8 +109,8 @@ def test_train_step_benchmark_compares_the_same_workload(tmp_path, capsys):
 def test_train_step_probes_bf16_only_where_the_device_has_it(monkeypatch, native):
     import torch
 
-    monkeypatch.setattr(train_step, "native_bf16", lambda device: native)
-    assert train_step.default_precisions(torch.device("cpu")) == (["fp32", "bf16"] if native else ["fp32"])
+    monkeypatch.setattr(train_step_contenders, "native_bf16", lambda device: native)
+    assert train_step_contenders.default_precisions(torch.device("cpu")) == (["fp32", "bf16"] if native else ["fp32"])
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -155,7 +156,7 @@ def test_same_workload_check_compares_the_logits(monkeypatch):
     from zoo.overrides import apply_sets
 
     spec = apply_sets(presets.get("perf_w1"), TOY)
-    train_step.check_same_workload(spec, torch.device("cpu"))  # the same weights and config pass
+    train_step_contenders.check_same_workload(spec, torch.device("cpu"))  # the same weights and config pass
     config_dict = hf.hf_config_dict
 
     def one_percent_off(spec, **kwargs):
@@ -164,7 +165,7 @@ def test_same_workload_check_compares_the_logits(monkeypatch):
 
     monkeypatch.setattr(hf, "hf_config_dict", one_percent_off)
     with pytest.raises(SystemExit, match="logits differ by up to"):
-        train_step.check_same_workload(spec, torch.device("cpu"))
+        train_step_contenders.check_same_workload(spec, torch.device("cpu"))
 
 
 def _fake_measurement(monkeypatch, rate: float) -> list:
@@ -181,26 +182,27 @@ def _fake_measurement(monkeypatch, rate: float) -> list:
 
 
 def test_bf16_without_bf16_instructions_has_no_peak_nor_mfu(monkeypatch, tmp_path):
-    """Emulated bf16 measured ~1 GFLOP/s on a 256^3 matmul and 3-5 in the model: MFU came out 106.7%."""
+    """Emulated bf16 measured ~1 GFLOP/s on a 256^3 matmul and 3-5 in the model: against that "peak" MFU
+    would read 106.7%, so there is none."""
     monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: False)
     calls = _fake_measurement(monkeypatch, 1e9)
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
     assert math.isnan(mfu.peak_flops(torch.bfloat16, torch.device("cpu"), cache_dir=tmp_path)) and not calls
     assert mfu.peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 1e9  # fp32 is still measured
-    peaks = train_step.dtype_peaks(["fp32", "bf16"], torch.device("cpu"))
+    peaks = train_step_report.dtype_peaks(["fp32", "bf16"], torch.device("cpu"))
     assert peaks == {"fp32": {"measured": 1e9, "datasheet": None, "busy": False},
                      "bf16": {"measured": None, "datasheet": None, "busy": False}}
-    row = train_step.report_line("zoo bf16", [0.1, 0.1], 100, 1e6, peaks["bf16"])
+    row = train_step_report.report_line("zoo bf16", [0.1, 0.1], 100, 1e6, peaks["bf16"])
     assert row["mfu"] is None and row["peak_flops"] is None and not row["mfu_above_peak"]
     row["peak_step_memory_bytes"] = 2**20
-    lines = train_step.results_table({"zoo": row}, {"bf16": peaks["bf16"]}, torch.device("cpu"))
+    lines = train_step_report.results_table({"zoo": row}, {"bf16": peaks["bf16"]}, torch.device("cpu"))
     assert lines[1].split()[-2:] == ["n/a", "1"] and "bf16 n/a (this CPU has no bf16 instructions" in lines[2]
 
 
 def test_a_peak_measured_on_a_busy_machine_is_flagged_in_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path))
     monkeypatch.setattr(mfu, "measure_cpu_peak", lambda dtype: (91.6e9, 0.55))
-    peaks = train_step.dtype_peaks(["fp32"], torch.device("cpu"))
+    peaks = train_step_report.dtype_peaks(["fp32"], torch.device("cpu"))
     assert peaks == {"fp32": {"measured": 91.6e9, "datasheet": None, "busy": True}}
     err = capsys.readouterr().err
     assert err.startswith("warning: the float32 matmul peak (91.6 GFLOP/s) was measured while other processes used "
@@ -211,24 +213,24 @@ def test_mfu_above_100_percent_is_flagged_never_plain():
     assert mfu.format_mfu(0.438) == "43.8%" and mfu.format_mfu(None) == mfu.format_mfu(math.nan) == "n/a"
     assert mfu.format_mfu(1.067) == "106.7%!"
     peaks = {"measured": 1e9, "datasheet": None}
-    row = train_step.report_line("zoo bf16", [0.1, 0.1], 100, 1e6, peaks)  # 3e9 FLOP/s achieved
+    row = train_step_report.report_line("zoo bf16", [0.1, 0.1], 100, 1e6, peaks)  # 3e9 FLOP/s achieved
     assert row["mfu"] == pytest.approx(3.0) and row["mfu_above_peak"]
-    table = train_step.results_table({"zoo": row}, {"bf16": peaks}, torch.device("cpu"))
+    table = train_step_report.results_table({"zoo": row}, {"bf16": peaks}, torch.device("cpu"))
     assert "300.0%!" in table[1] and table[-1] == mfu.MFU_ABOVE_PEAK_NOTE
 
 
 def test_cuda_mfu_is_against_the_measured_peak_and_the_datasheet_is_separate(monkeypatch):
-    """The benchmark's MFU used the datasheet peak on CUDA while the line said "measured"."""
+    """MFU is against the peak measured on the GPU, as the table's line says; the datasheet's is a column apart."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     calls = _fake_measurement(monkeypatch, 783e12)
     cuda = torch.device("cuda")
-    peaks = train_step.dtype_peaks(["bf16"], cuda)
+    peaks = train_step_report.dtype_peaks(["bf16"], cuda)
     assert peaks == {"bf16": {"measured": 783e12, "datasheet": 989e12, "busy": False}} and calls == [(torch.bfloat16, "cuda")]
-    row = train_step.report_line("zoo bf16 compiled", [0.085] * 3, 32 * 1024, 224e6, peaks["bf16"])
+    row = train_step_report.report_line("zoo bf16 compiled", [0.085] * 3, 32 * 1024, 224e6, peaks["bf16"])
     achieved = 32 * 1024 / 0.085 * 224e6 * mfu.TRAIN_FLOPS_PER_FORWARD_FLOP
     assert row["mfu"] == pytest.approx(achieved / 783e12) and row["peak_flops"] == 783e12
     assert row["mfu_datasheet"] == pytest.approx(achieved / 989e12) and row["datasheet_peak_flops"] == 989e12
-    lines = train_step.results_table({"zoo": row}, peaks, cuda)
+    lines = train_step_report.results_table({"zoo": row}, peaks, cuda)
     assert mfu.format_mfu(row["mfu"]) in lines[1] and mfu.format_mfu(row["mfu_datasheet"]) not in lines[1]
     assert "measured on this cuda" in lines[2] and "bf16 783 TFLOP/s" in lines[2]
     assert lines[3] == ("MFU against the datasheet's peak instead (bf16 989 TFLOP/s): zoo bf16 compiled "
@@ -237,7 +239,8 @@ def test_cuda_mfu_is_against_the_measured_peak_and_the_datasheet_is_separate(mon
 
 
 def test_cpu_peak_cache_tells_apart_cpus_with_one_name(monkeypatch, tmp_path):
-    """A VM shows "AMD EPYC" for an AVX2 host and for one with avx512_bf16; their peaks shared a cache entry."""
+    """A VM shows "AMD EPYC" for an AVX2 host and for one with avx512_bf16: the cache key holds the CPU's
+    capability too, so each keeps its own peak."""
     monkeypatch.setattr(mfu, "_cpu_name", lambda: "AMD EPYC")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: False)
@@ -251,244 +254,3 @@ def test_cpu_peak_cache_tells_apart_cpus_with_one_name(monkeypatch, tmp_path):
     monkeypatch.setattr(mfu, "cpu_has_native_bf16", lambda: False)
     assert mfu.peak_flops(torch.float32, torch.device("cpu"), cache_dir=tmp_path) == 147e9  # cached, not 229
     assert len(json.loads((tmp_path / "matmul_peak.json").read_text())) == 2
-
-
-# gpu_check's sections run only on a GPU machine; these run the parts that read a subprocess's report on
-# CPU, with the subprocess faked, so a name lost or a format drifted shows here and not first on the GPU.
-def test_gpu_check_runs_every_section_in_order():
-    from benchmarks import gpu_check
-
-    assert tuple(gpu_check.RUNS) == gpu_check.SECTIONS
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA exit")
-def test_gpu_check_without_cuda_measures_nothing_and_exits_2(capsys):
-    from benchmarks import gpu_check
-
-    assert gpu_check.main(["--sections", "env"]) == 2
-    assert "NO CUDA" in capsys.readouterr().out
-
-
-def _trainer_progress_line(step: int, total: int, loss: float, tps: float, utilisation: float) -> str:
-    """A progress line as the trainer prints it off a terminal (trainer.py's postfix, Observer.progress)."""
-    import contextlib
-    import io
-    import types
-
-    from training.observe import Observer
-
-    observer = Observer.__new__(Observer)
-    observer.enabled, observer.interactive, observer.bar = True, False, types.SimpleNamespace(total=total)
-    with contextlib.redirect_stdout(io.StringIO()) as out:
-        observer.progress(step, {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}", "mfu": mfu.format_mfu(utilisation)})
-    return out.getvalue()
-
-
-def test_gpu_check_train_section_reads_the_trainers_log(monkeypatch, tmp_path):
-    import zoo.describe
-    from benchmarks import gpu_check_common, gpu_check_train
-
-    logged = [(1, 8.51, 351.0, 0.0), (5, 6.0, 140_000.0, 0.095), (10, 4.32, 120_000.0, 0.081)]
-    log = "".join(_trainer_progress_line(s, 10, loss, tps, u) for s, loss, tps, u in logged) + "done: 10 steps\n"
-    commands = []
-    real_popen = subprocess.Popen
-
-    def fake_trainer(cmd, **kwargs):
-        if cmd[1:2] != ["training/run.py"]:  # the `import datasets` probe (subprocess.run calls Popen)
-            return real_popen(cmd, **kwargs)
-        commands.append(cmd)
-        return real_popen([sys.executable, "-c", f"import sys; sys.stdout.write({log!r})"], **kwargs)
-
-    monkeypatch.setattr(gpu_check_train.subprocess, "Popen", fake_trainer)
-    monkeypatch.setattr(zoo.describe, "describe", lambda spec, seq_len: {"total_params": 509e6, "active_params": 99e6,
-                                                                         "flops_per_token": 224e6})
-    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
-    args = argparse.Namespace(micro_batch=2, train_steps=10, compile=False, train_out=str(tmp_path / "run"),
-                              train_timeout=60)
-    gpu_check_train.section_train(args)
-    assert commands[0][1:5] == ["training/run.py", "--preset", gpu_check_train.TRAIN_PRESET, "--out"]
-    assert "train.micro_batch_size=2" in commands[0] and "train.steps=10" in commands[0]
-    notes = gpu_check_common.RESULTS
-    assert notes[0] == "train model: perf_0p5b: 509M total, 99M active per token, 224 MFLOP/token forward at T=1024"
-    assert notes[1].startswith("train: exit 0 after ") and notes[1].endswith(
-        "logged steps 1: 351 tok/s 0.0%, 5: 140,000 tok/s 9.5%, 10: 120,000 tok/s 8.1%")
-    assert notes[2] == ("train: median over logged steps > 1: 130,000 tokens/s, MFU 8.8% "
-                        "(trainer's figures; loss 8.51 -> 4.32)")
-    assert notes[3] == "train: done: 10 steps"
-
-
-def test_gpu_check_trainstep_section_reads_the_benchmarks_json(monkeypatch, tmp_path):
-    from benchmarks import gpu_check_common, gpu_check_train
-
-    peaks = {"measured": 783e12, "datasheet": 989e12}
-    rows = {side: train_step.report_line(label, [seconds] * 3, 2 * 1024, 224e6, peaks)
-            for side, label, seconds in (("zoo", "zoo bf16", 0.085), ("transformers", "transformers bf16", 0.34))}
-    rows["zoo"]["peak_step_memory_bytes"] = 25 * 2**30
-    out, profile = tmp_path / "run_trainstep.json", tmp_path / "run_trainstep_profile.txt"
-
-    def fake_benchmark(cmd, **kwargs):
-        assert cmd[1:4] == ["-m", "benchmarks.train_step", "--preset"] and cmd[cmd.index("--json") + 1] == str(out)
-        out.write_text(json.dumps({"results": rows, "speedup": 4.0}))
-        profile.write_text("zoo bf16: 2 train steps, 323.3 ms wall under the profiler\nrest\n")
-        return subprocess.CompletedProcess(cmd, 0, "table\n", "")
-
-    monkeypatch.setattr(gpu_check_train.subprocess, "run", fake_benchmark)
-    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
-    args = argparse.Namespace(micro_batch=2, compile=False, train_out=str(tmp_path / "run"), trainstep_timeout=60)
-    gpu_check_train.section_trainstep(args)
-    zoo_row = rows["zoo"]
-    assert gpu_check_common.RESULTS == [
-        f"trainstep perf_0p5b batch 2x1024: zoo bf16: 85 ms/step, {zoo_row['tokens_per_s']:,.0f} tokens/s, "
-        f"MFU {mfu.format_mfu(zoo_row['mfu'])} (of the measured 783 TFLOP/s), "
-        f"{mfu.format_mfu(zoo_row['mfu_datasheet'])} of the datasheet's 989 TFLOP/s, step memory 25.0 GiB",
-        f"trainstep perf_0p5b batch 2x1024: transformers bf16: 340 ms/step, "
-        f"{rows['transformers']['tokens_per_s']:,.0f} tokens/s, MFU {mfu.format_mfu(rows['transformers']['mfu'])} "
-        f"(of the measured 783 TFLOP/s), {mfu.format_mfu(rows['transformers']['mfu_datasheet'])} of the datasheet's "
-        "989 TFLOP/s, step memory 0.0 GiB",
-        "trainstep: zoo / transformers speed 4.00x",
-        f"trainstep profile ({profile}): zoo bf16: 2 train steps, 323.3 ms wall under the profiler",
-    ]
-
-
-def _fake_trainer(monkeypatch, gpu_check_train, code: str) -> None:
-    """training/run.py replaced by `python -c code`; other commands (the `import datasets` probe) run."""
-    import zoo.describe
-
-    real_popen = subprocess.Popen
-
-    def popen(cmd, **kwargs):
-        return real_popen([sys.executable, "-c", code] if cmd[1:2] == ["training/run.py"] else cmd, **kwargs)
-
-    monkeypatch.setattr(gpu_check_train.subprocess, "Popen", popen)
-    monkeypatch.setattr(zoo.describe, "describe", lambda spec, seq_len: {"total_params": 509e6, "active_params": 99e6,
-                                                                         "flops_per_token": 224e6})
-
-
-@pytest.mark.parametrize("logged,per_step,median", [
-    ([(1, 8.51, 351.0, None), (5, 6.0, 140_000.0, None), (10, 4.32, 120_000.0, None)],  # no peak: `mfu n/a`
-     "1: 351 tok/s n/a, 5: 140,000 tok/s n/a, 10: 120,000 tok/s n/a", "n/a"),
-    ([(1, 8.51, 351.0, 0.5), (5, 6.0, 140_000.0, 1.067), (10, 4.32, 120_000.0, 1.2)],  # above the peak: `106.7%!`
-     "1: 351 tok/s 50.0%, 5: 140,000 tok/s 106.7%!, 10: 120,000 tok/s 120.0%!", "113.3%!"),
-], ids=["mfu-n/a", "mfu-above-peak"])
-def test_gpu_check_train_section_reads_steps_without_an_mfu_figure(monkeypatch, tmp_path, logged, per_step, median):
-    """The step regex wanted `mfu <number>%`: a trainer without a peak prints `mfu n/a`, and those steps
-    were reported as "no step logged"."""
-    from benchmarks import gpu_check_common, gpu_check_train
-
-    log = "".join(_trainer_progress_line(s, 10, loss, tps, u) for s, loss, tps, u in logged)
-    _fake_trainer(monkeypatch, gpu_check_train, f"import sys; sys.stdout.write({log!r})")
-    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
-    gpu_check_train.section_train(argparse.Namespace(micro_batch=2, train_steps=10, compile=False,
-                                                     train_out=str(tmp_path / "run"), train_timeout=60))
-    steps, summary = [n for n in gpu_check_common.RESULTS if n.startswith("train: ")][:2]
-    assert steps.endswith("logged steps " + per_step), steps
-    assert summary == f"train: median over logged steps > 1: 130,000 tokens/s, MFU {median} " \
-                      "(trainer's figures; loss 8.51 -> 4.32)"
-
-
-def test_gpu_check_train_timeout_holds_on_a_partial_line(monkeypatch, tmp_path):
-    """The timeout was checked between lines: a trainer that printed half a line and hung kept readline()
-    waiting past --train-timeout, until it exited on its own."""
-    import time
-
-    from benchmarks import gpu_check_common, gpu_check_train
-
-    hang = 20  # seconds the fake trainer sleeps after its partial line; the timeout is 2
-    _fake_trainer(monkeypatch, gpu_check_train,
-                  f"import sys, time; sys.stdout.write('step 1/10 loss'); sys.stdout.flush(); time.sleep({hang})")
-    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
-    start = time.perf_counter()
-    gpu_check_train.section_train(argparse.Namespace(micro_batch=2, train_steps=10, compile=False,
-                                                     train_out=str(tmp_path / "run"), train_timeout=2))
-    assert time.perf_counter() - start < hang / 2
-    status = [n for n in gpu_check_common.RESULTS if n.startswith("train: ")][0]
-    assert status.startswith("train: TIMED OUT after ") and status.endswith("last lines: step 1/10 loss"), status
-
-
-def test_gpu_check_train_ends_when_the_trainer_exits_though_a_child_holds_its_pipe(monkeypatch, tmp_path):
-    """Reading until end of file waited out --train-timeout when a process the trainer started still
-    held its stdout, and reported a finished run as TIMED OUT."""
-    import time
-
-    from benchmarks import gpu_check_common, gpu_check_train
-
-    held = 30  # seconds the child keeps the pipe open; the timeout is 8
-    _fake_trainer(monkeypatch, gpu_check_train,
-                  f"import subprocess; subprocess.Popen(['sleep', '{held}']); "
-                  "print('step 1/10 loss 6.000 tok/s 1,000 mfu 1.0%', flush=True)")
-    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
-    start = time.perf_counter()
-    gpu_check_train.section_train(argparse.Namespace(micro_batch=2, train_steps=10, compile=False,
-                                                     train_out=str(tmp_path / "run"), train_timeout=8))
-    assert time.perf_counter() - start < 8
-    status = [n for n in gpu_check_common.RESULTS if n.startswith("train: ")][0]
-    assert status.startswith("train: exit 0 after "), status
-
-
-def test_gpu_check_pytest_note_is_a_string_when_pytest_prints_nothing(monkeypatch):
-    """With pytest's stdout empty the note printed stderr's last line as a list: `exit 1: ['...']`."""
-    from benchmarks import gpu_check, gpu_check_common
-
-    outputs = iter([("", "Traceback (most recent call last):\nImportError: no module named pytest\n"), ("", "")])
-
-    def fake_pytest(cmd, **kwargs):
-        out, err = next(outputs)
-        return subprocess.CompletedProcess(cmd, 1, out, err)
-
-    monkeypatch.setattr(gpu_check_common.subprocess, "run", fake_pytest)
-    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
-    args = argparse.Namespace(pytest_timeout=60)
-    gpu_check.section_pytest(args)
-    gpu_check.section_pytest(args)
-    assert [n.split(": exit ")[1] for n in gpu_check_common.RESULTS] == [
-        "1: ImportError: no module named pytest", "1: no output"]
-
-
-def test_gpu_check_flash_seeds_the_first_cases_weights(monkeypatch):
-    """torch.manual_seed(0) ran after the block was built: the first case's weights (and so its error
-    figures) depended on whatever had drawn from the generator before, and varied run to run."""
-    from benchmarks import gpu_check_attention, gpu_check_common
-
-    first = gpu_check_attention.attention_cases()[0]
-    monkeypatch.setattr(gpu_check_attention, "attention_cases", lambda: [first])
-    built, build = [], gpu_check_attention.build_attention
-
-    def build_and_stop(spec):  # the weights are all this test needs: the case stops there
-        built.append([p.detach().clone() for p in build(spec).parameters()])
-        raise RuntimeError("stop")
-
-    monkeypatch.setattr(gpu_check_attention, "build_attention", build_and_stop)
-    monkeypatch.setattr(gpu_check_common, "DEV", "cpu")
-    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
-    for seed in (1, 2):  # two different histories of the generator before the section
-        torch.manual_seed(seed)
-        gpu_check_attention.section_flash(argparse.Namespace())
-    assert len(built) == 2
-    for a, b in zip(*built):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_gpu_check_grouped_times_the_implementation_it_names(monkeypatch):
-    """The "grouped" path called dropless_dispatch with impl="auto", which falls back to the loop where
-    the widths miss grouped_mm's alignment (and picks padded_bmm on CPU), and forced the loop by patching
-    the private `_grouped_mm_available`. Each path now names its impl; fp32's reference is the loop."""
-    import zoo.blocks.moe as moe_mod
-    from benchmarks import gpu_check_common, gpu_check_grouped
-
-    impls = []
-    real = moe_mod.dropless_dispatch
-
-    def spy(*args, **kwargs):
-        impls.append((kwargs.get("impl", "auto"), args[0].dtype))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(moe_mod, "dropless_dispatch", spy)
-    monkeypatch.setattr(moe_mod, "_grouped_mm_available", lambda x: pytest.fail("_grouped_mm_available consulted"))
-    monkeypatch.setattr(gpu_check_grouped, "cuda_time_ms", lambda fn, warmup, reps: (fn(), 1.0)[1])
-    monkeypatch.setattr(gpu_check_common, "DEV", "cpu")
-    monkeypatch.setattr(gpu_check_common, "RESULTS", [])
-    gpu_check_grouped.section_grouped(argparse.Namespace())
-    assert not any("FAILED" in n for n in gpu_check_common.RESULTS), gpu_check_common.RESULTS
-    assert {impl for impl, dtype in impls if dtype == torch.float32} == {"loop"}
-    assert {impl for impl, dtype in impls if dtype == torch.bfloat16} == {"grouped_mm", "loop"}
-    assert all("EQUAL" in n for n in gpu_check_common.RESULTS if "tol" in n)

@@ -160,7 +160,7 @@ def test_ep2_trains_like_ep1_on_two_ranks(tmp_path, preset):
     assert len(r["loss_ep2"]) == 3
     assert r["loss_max_diff"] < FP32_TOL, (r["loss_ep1"], r["loss_ep2"])
     # Clipping is active (norms ~40 > 1) and the global norm counts every expert shard once. The worker
-    # bypasses training.engine, so this is DeepSpeed's ZeRO-2 norm of the orthogonalised Muon updates,
+    # bypasses the trainer's engine setup, so this is DeepSpeed's ZeRO-2 norm of the orthogonalised Muon updates,
     # not the raw gradient norm the trainer logs and clips by (see GRAD_CLIP in tests/_ep_worker.py).
     norms_ep1, norms_ep2 = torch.tensor(r["grad_norm_ep1"]), torch.tensor(r["grad_norm_ep2"])
     torch.testing.assert_close(norms_ep2, norms_ep1, rtol=FP32_TOL, atol=0)

@@ -184,7 +184,8 @@ def test_generation_stops_before_eos_and_checks_the_context():
 
 
 def test_tiny_temperatures_sample_the_top_token_and_non_finite_ones_are_refused():
-    """logits / 1e-39 overflowed to inf, the softmax gave NaN and torch.multinomial raised."""
+    """logits / 1e-39 overflows to inf, and a softmax of that is NaN that torch.multinomial refuses: a tiny
+    temperature must still sample the top token."""
     logits = torch.tensor([[3.0, 40.0, 39.0, -2.0]])
     generator = torch.Generator().manual_seed(0)
     for temperature in (1e-39, 1e-37, 1e-6):
@@ -303,7 +304,8 @@ def test_cli_generate_bad_input_is_one_line_exit_2(run_dir, junk_tokenizer_run_d
 
 
 def test_cli_generate_samples_only_ids_the_tokenizer_can_decode(big_vocab_run_dir):
-    """Sampling from a random 4096-token model picked ids past the 512-piece tokenizer: IndexError."""
+    """A random 4096-token model samples ids past the 512-piece tokenizer, which cannot decode them
+    (IndexError): new tokens are kept within the tokenizer's vocabulary."""
     code, out, err = zoo_cli("generate", big_vocab_run_dir, "--prompt", "ROMEO:", "--max-new-tokens", 20,
                              "--temperature", 1.0, "--seed", 0)
     assert code == 0, err

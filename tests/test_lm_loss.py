@@ -41,8 +41,8 @@ def test_bf16_matmuls_keep_an_fp32_weight_gradient():
 
 @pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
 def test_evaluation_computes_only_the_loss(no_grad, monkeypatch):
-    """Under no_grad the Function used to see needs_input_grad True for inputs that require grad, and
-    did the two gradient matmuls per chunk (3x the FLOPs of the logits alone)."""
+    """Under no_grad a Function still sees needs_input_grad True for inputs that require grad; it must
+    skip the two gradient matmuls per chunk (3x the FLOPs of the logits alone) all the same."""
     monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", {"cpu": 300})  # several chunks
     N, D, V = 53, 16, 40
     h = torch.randn(N, D, requires_grad=True)

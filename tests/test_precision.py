@@ -115,7 +115,7 @@ def test_matmul_peak_skips_sizes_that_would_exceed_its_budget(monkeypatch):
 
 
 def test_matmul_peak_is_measured_on_the_device_asked_for(monkeypatch):
-    """It used to create its matrices without a device: a GPU's MFU was divided by the CPU's peak."""
+    """The probe's matrices live on the device asked for, or a GPU's MFU would be divided by the CPU's peak."""
     devices = []
     real_mm = torch.mm
 
@@ -156,8 +156,8 @@ def _measure_with_share(monkeypatch, rate: float, share: float) -> list:
 
 
 def test_only_a_quiet_cpu_peak_is_cached(monkeypatch, tmp_path, recwarn):
-    """A peak measured on a busy machine stayed cached for good: every later MFU read ~1.6x too high
-    (91.6 GFLOP/s cached while a test suite ran beside the trainer, 147 measured alone)."""
+    """A peak measured on a busy machine is not cached: kept, it would make every later MFU read ~1.6x
+    too high (91.6 GFLOP/s measured while a test suite ran beside the trainer, 147 measured alone)."""
     calls = _measure_with_share(monkeypatch, 91.6e9, 0.55)
     for _ in range(2):  # busy: used for this run, measured again by the next
         with pytest.warns(mfu.BusyPeakWarning, match=r"91\.6 GFLOP/s.*got 55% of its threads' time"):
@@ -175,8 +175,8 @@ def test_cpu_share_counts_the_largest_sizes_timed_matmuls_alone(monkeypatch):
     """measure_cpu_peak's share is CPU time over wall time x threads, of the largest size's timed
     matmuls only. Fake clocks: the setup (random matrices) takes 1 s of wall and 1 s of CPU time, on one
     thread; a matmul of the probe size 0.5 s of wall and 0.5 s of CPU time (one busy thread of two), of
-    the larger sizes 0.5 s and 0.6 s. Counting the setup in, a quiet machine's share fell with its core
-    count (8 cores: 0.79 against QUIET_CPU_SHARE 0.8)."""
+    the larger sizes 0.5 s and 0.6 s. Counting the setup in would make a quiet machine's share fall with
+    its core count (8 cores: 0.79 against QUIET_CPU_SHARE 0.8)."""
     clock = {"wall": 0.0, "cpu": 0.0}
     sizes = []
 
@@ -221,13 +221,14 @@ def test_datasheet_peak_matches_the_gpu_model(monkeypatch, name, peak):
 
 @pytest.mark.parametrize("name", ["NVIDIA L40S", "NVIDIA A10G", "Tesla T4"])
 def test_a_gpu_missing_from_the_table_is_measured_on_itself(monkeypatch, name):
-    """"NVIDIA L40S" contains "L4" and used to get the L4's peak (121 TFLOP/s; an L40S has ~3x that)."""
+    """Names match word by word, not by substring: "NVIDIA L40S" contains "L4", whose peak (121 TFLOP/s)
+    is about a third of an L40S's."""
     assert _peak_on_a_fake_gpu(monkeypatch, name, torch.bfloat16) == ("measured", torch.bfloat16, torch.device("cuda"))
 
 
 def test_fp32_on_a_gpu_is_half_the_bf16_peak_only_with_tf32(monkeypatch):
     """Without TF32 (PyTorch's default) fp32 matmuls run on CUDA cores, 67 against 989 TFLOP/s on an
-    H100: the table cannot say, so it is measured; it used to be the TF32 rate whatever the setting."""
+    H100: the table cannot say, so it is measured; the table's TF32 rate holds only where TF32 is allowed."""
     name, was = "NVIDIA H100 80GB HBM3", torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
