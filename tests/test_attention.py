@@ -58,8 +58,8 @@ def test_causality(kind):
 
 @pytest.mark.parametrize("kind", ["mha", "mla"])
 def test_positions_must_be_one_per_step(kind):
-    """(B, T) positions used to pass silently when B equals the head count: their (B, T, R/2) cos/sin
-    broadcast against (B, H, T, R/2), rotating head h of every row by row h's positions."""
+    """(B, T) positions are refused: when B equals the head count their (B, T, R/2) cos/sin would
+    broadcast against (B, H, T, R/2) and rotate head h of every row by row h's positions."""
     spec = ModelSpec(vocab_size=97, d_model=D, n_layers=1, max_seq_len=16,
                      attention=ATTENTION_KINDS[kind], ffn=MLPSpec(d_hidden=96))
     model = zoo.build(spec).eval()

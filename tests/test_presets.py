@@ -117,7 +117,7 @@ def test_tiny_keeps_routing_valid_whatever_top_k_and_grouping():
 
 
 def test_tiny_keeps_the_first_layer_of_each_periodic_override():
-    """tiny() kept only listed override layers: every=3 from offset=3 vanished at 2 layers."""
+    """tiny() keeps enough layers for a periodic override (every=3 from offset=3) to select one."""
     spec = RunSpec(model=ModelSpec(n_layers=12, ffn=MoESpec(), overrides=[
         LayerOverride(every=3, offset=3, ffn=MLPSpec(d_hidden=256))]))
     small = tiny(spec).model

@@ -141,7 +141,7 @@ def test_set_parses_json_values_and_switches_kind():
 
 
 def test_a_new_kind_can_be_edited_in_the_same_command():
-    """A kind change used to leave the slot as {"kind": new}, so the next --set into it was an unknown field."""
+    """A kind change fills the slot with the new kind's defaults, so the next --set can edit one of its fields."""
     spec = apply_sets(presets.get("deepseek_glm4"), ["model.ffn.kind=mlp", "model.ffn.d_hidden=256"])
     assert spec.model.ffn == MLPSpec(d_hidden=256)
     spec = apply_sets(presets.get("deepseek_glm4"),
@@ -189,7 +189,7 @@ def test_set_refuses_non_finite_json_numbers():
 
 
 def test_set_keeps_the_text_of_a_string_field_json_reads_as_a_number():
-    """Values are JSON first: data.source=2024 was the integer 2024 and failed as "not a valid string"."""
+    """Values are JSON first, but a string field keeps the text: data.source=2024 is the string "2024"."""
     spec = apply_sets(presets.get("deepseek_glm4"), ["data.source=2024", "data.text_field=true",
                                                      "eval.hellaswag_path=1.5"])
     assert (spec.data.source, spec.data.text_field, spec.eval.hellaswag_path) == ("2024", "true", "1.5")

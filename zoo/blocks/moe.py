@@ -42,8 +42,7 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
     """Whether x's experts compute in bf16 (its dtype, or autocast's) on CUDA or CPU with
     torch._grouped_mm present (a CPU kernel since torch 2.9). In fp32 on CPU the per-expert loop was
     faster in the whole train step, although the MoE layer alone favours the padded path
-    (benchmarks/results/moe_layer.txt): W2 1237 against 1652 ms a step for padded-or-grouped, W1
-    1087 against 1104 ms (2 cores, eager, 2026-11-28)."""
+    (benchmarks/results/moe_layer.txt and benchmarks/results/README.md)."""
     return (compute_dtype(x) == torch.bfloat16 and x.device.type in ("cuda", "cpu")
             and hasattr(torch, "_grouped_mm"))
 

@@ -26,9 +26,8 @@ SEED_SEQ = 512
 SEED_EXPERT_HIDDEN = 1536
 VOCAB = 4096  # a SentencePiece vocabulary sized for the CPU-scale default corpus
 ACTIVE_FFN_HIDDEN = 2 * SEED_EXPERT_HIDDEN  # the baseline's top-2 experts
-# 150 optimizer steps of 8 x 256 tokens (307k tokens, ~1.2 epochs of the builtin corpus): about 6 minutes
-# for deepseek_glm4 in bf16 on 2 CPU cores with avx512_bf16, 20 in fp32 on 2 AVX2-only cores; the
-# README's main job.
+# 150 optimizer steps of 8 x 256 tokens (307k tokens, ~1.2 epochs of the builtin corpus): the README's
+# main job (the README states its measured time on 2 CPU cores).
 CPU_BUDGET = TrainSpec(steps=150, micro_batch_size=8, warmup_steps=15, eval_every=50, ckpt_every=50)
 
 
