@@ -53,25 +53,22 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     alternate, current_rss_bytes, median, peak_rss_bytes, release_freed_memory, reset_peak_rss, spread, synchronize,
     timed,
 )
-from training.allocator import retain_freed_memory  # noqa: E402
-from training.mfu import (  # noqa: E402
+from training.allocator import retain_freed_memory
+from training.mfu import (
     MFU_ABOVE_PEAK_NOTE, TRAIN_FLOPS_PER_FORWARD_FLOP, BusyPeakWarning, datasheet_peak_flops, format_mfu,
     measured_peak_flops, native_bf16,
 )
-from zoo import presets  # noqa: E402
-from zoo.builders import build  # noqa: E402
-from zoo.describe import describe  # noqa: E402
-from zoo.overrides import SpecError, apply_sets  # noqa: E402
-from zoo.specs import RunSpec  # noqa: E402
+from zoo import presets
+from zoo.builders import build
+from zoo.describe import describe
+from zoo.overrides import SpecError, apply_sets
+from zoo.specs import RunSpec
 
+REPO = Path(__file__).resolve().parents[1]
 HF_EXPERTS = ("eager", "batched_mm", "grouped_mm")
 HF_ATTENTION = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16")

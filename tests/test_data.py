@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 import training.data as data_module  # noqa: E402
 import training.split as split_module  # noqa: E402
-from training.corpus import builtin_documents, load_documents, parse_hub_source  # noqa: E402
+from zoo.corpus import builtin_documents, load_documents, parse_hub_source  # noqa: E402
 from training.data import (  # noqa: E402
     DataError,
     Tokenizer,

@@ -25,10 +25,10 @@ from training.data import load_or_train_tokenizer  # noqa: E402
 from zoo import presets  # noqa: E402
 from zoo.checkpoint import save_run_folder  # noqa: E402
 from zoo.cli import main  # noqa: E402
-from training.evaluation import ZooLM, hellaswag_accuracy, hellaswag_docs, local_task  # noqa: E402
-from training.evaluation.harness import perplexity  # noqa: E402
-from training.evaluation.lm import EvalError  # noqa: E402
-from training.evaluation.tasks import (  # noqa: E402
+from zoo.evaluation import ZooLM, hellaswag_accuracy, hellaswag_docs, local_task  # noqa: E402
+from zoo.evaluation.harness import perplexity  # noqa: E402
+from zoo.evaluation.lm import EvalError  # noqa: E402
+from zoo.evaluation.tasks import (  # noqa: E402
     HellaSwagTooLong, check_hellaswag_fits, hellaswag_requests, multiple_choice_scores,
 )
 from zoo.overrides import with_changes  # noqa: E402
@@ -252,7 +252,7 @@ def test_generate_until_samples_only_ids_the_tokenizer_can_decode(run, tmp_path,
     """A model vocab larger than the tokenizer's (allowed, as for an imported model): sampling from a
     near-uniform untrained model drew ids past the tokenizer's 512 and SentencePiece raised. Every id
     sampled is recorded and must be below 512; the text is their decoding."""
-    import training.evaluation.lm as lm_module
+    import zoo.evaluation.lm as lm_module
 
     _, _, spec, tokenizer = run
     big = with_changes(spec, {"model.vocab_size": 4 * VOCAB})

@@ -14,11 +14,10 @@ from training import checkpoints
 from training.engine import TrainingError, ds_config_source, lr_factor, resolve_ds_config
 from training.split import check_split_version
 from zoo.checkpoint import read_spec
-from zoo.cli import resolve
 from zoo.overrides import SpecError, apply_sets, diff
+from zoo.presets import DEFAULT_PRESET, resolve
 from zoo.specs import RunSpec
 
-DEFAULT_PRESET = "deepseek_glm4"
 # Fields a resumed run may change: budget and reporting, never the model, data or optimisation, nor the
 # validation set (one val/loss curve would mix two). HellaSwag may be switched on for a final score.
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.ckpt_every", "train.keep_last",

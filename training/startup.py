@@ -53,8 +53,8 @@ def check_layout(spec: RunSpec, world_size: int) -> None:
         if path is None or not Path(path).is_file():
             raise TrainingError(f"eval.hellaswag_limit={spec.eval.hellaswag_limit} needs eval.hellaswag_path to name "
                                 f"a HellaSwag JSONL file (got {path!r}), e.g. ../shared/data/hellaswag_val.jsonl")
-        from training.evaluation.lm import EvalError
-        from training.evaluation.tasks import hellaswag_docs
+        from zoo.evaluation.lm import EvalError
+        from zoo.evaluation.tasks import hellaswag_docs
 
         try:  # the records the evaluations will read, now rather than eval_every steps into training
             docs = hellaswag_docs(path, spec.eval.hellaswag_limit)
@@ -125,8 +125,8 @@ def _check_hellaswag_fits(model, tokenizer: Tokenizer, spec: RunSpec, *, resume:
     """Every HellaSwag item the evaluations will score fits the training length: found out now, not
     eval_every steps into training, when the run would stop before that step's checkpoint. The fixes
     offered are ones this run can take (a resumed run cannot change data.seq_len)."""
-    from training.evaluation.lm import EvalError
-    from training.evaluation.tasks import HellaSwagTooLong, check_hellaswag_fits
+    from zoo.evaluation.lm import EvalError
+    from zoo.evaluation.tasks import HellaSwagTooLong, check_hellaswag_fits
 
     limit = spec.eval.hellaswag_limit
     try:

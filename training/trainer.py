@@ -36,13 +36,14 @@ from training.mfu import MFU_ABOVE_PEAK_NOTE, BusyPeakWarning, mfu as model_flop
 from training.observe import Observer
 from training.precision import DTYPES
 from training.report import StepStats
-from training.resume import DEFAULT_PRESET, resolve_run
+from training.resume import resolve_run
 from training.signals import StopFlag
 from training.validation import evaluate, hellaswag_scores
 from zoo.blocks.routers import SigmoidGroupTopKRouter
 from zoo.checkpoint import save_run_folder
 from zoo.describe import describe
 from zoo.overrides import SpecError
+from zoo.presets import DEFAULT_PRESET
 from zoo.specs import RunSpec
 
 PROCESS_START = time.perf_counter()
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(err)
         code = EXIT_USAGE
     except ValueError as err:
-        from training.evaluation.lm import EvalError  # e.g. a HellaSwag item longer than the context
+        from zoo.evaluation.lm import EvalError  # e.g. a HellaSwag item longer than the context
 
         if not isinstance(err, EvalError):
             raise

@@ -22,7 +22,7 @@ import numpy as np
 from lm_eval.api.instance import Instance
 from torch import nn
 
-from training.evaluation.lm import EvalError, ZooLM
+from zoo.evaluation.lm import EvalError, ZooLM
 
 # Task name -> its YAML under lm_eval/tasks/. Other tasks run from the hub (`zoo eval --tasks NAME`).
 LOCAL_TASKS = {
