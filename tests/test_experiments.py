@@ -212,7 +212,7 @@ def test_finished_runs_are_skipped_and_a_changed_spec_is_refused(smoke_env, tmp_
 
 
 def _trainer_device():
-    """The device `training/run.py` trains on when the runner starts it (training.engine.init_distributed)."""
+    """The device `training/run.py` trains on when the runner starts it (training.distributed.init_distributed)."""
     import torch
 
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

@@ -19,15 +19,16 @@ import torch.distributed as dist
 import zoo
 from training import checkpoints, trainer
 from training.data import DataError
-from training.engine import (
-    TrainingError, initialize, lr_factor, optimizer_groups, resolve_ds_config, set_cpu_threads,
-    unreported_grad_norm,
-)
+from training.distributed import set_cpu_threads
+from training.ds_config import resolve_ds_config
+from training.engine import initialize, unreported_grad_norm
+from training.errors import TrainingError
+from training.optim import lr_factor, optimizer_groups
 from training.mfu import cpu_has_native_bf16
 from zoo.host import usable_cpus
 from zoo import presets
 from zoo.checkpoint import load_run_folder
-from zoo.cli import resolve
+from zoo.presets import resolve
 from zoo.overrides import with_changes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_train_end_to_end(cache_dir, tmp_path):
     # MFU = tokens/s x describe's forward FLOPs per token x 3 / the peak the trainer divides by, which it
     # logs: on a CPU (fp32, or bf16 where it has bf16 instructions) the matmul peak it measured, cached in
     # $ZOO_CACHE under this CPU, dtype and the trainer's thread count (a lone rank takes every core unless
-    # OMP_NUM_THREADS is set: training.engine.set_cpu_threads) unless the machine was busy, which it says.
+    # OMP_NUM_THREADS is set: training.distributed.set_cpu_threads) unless the machine was busy, which it says.
     # TensorBoard holds float32.
     (peak,) = scalars(out, "perf/peak_flops").values()
     threads = int(os.environ.get("OMP_NUM_THREADS", usable_cpus()))
@@ -212,10 +213,10 @@ def test_optimizer_groups_put_routers_embeddings_and_norms_on_adam():
 
 @pytest.fixture(scope="module")
 def one_rank(one_thread):
-    """The trainer's one-rank gloo group (training.engine.init_distributed), for engines built in this process;
+    """The trainer's one-rank gloo group (training.distributed.init_distributed), for engines built in this process;
     yields the variables it sets (RANK, LOCAL_RANK, ...). They are set only while an engine runs: left
     in the environment, they would make later `training/run.py` subprocesses take themselves for launched ranks."""
-    from training.engine import init_distributed
+    from training.distributed import init_distributed
 
     environ, threads, created = dict(os.environ), torch.get_num_threads(), not dist.is_initialized()
     if created:
@@ -715,7 +716,7 @@ def test_an_explicit_omp_num_threads_is_kept(monkeypatch):
     """A plain `python training/run.py` (one rank) took every core even with OMP_NUM_THREADS=1."""
     import deepspeed
 
-    from training.engine import init_distributed
+    from training.distributed import init_distributed
 
     environ, threads = dict(os.environ), torch.get_num_threads()
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: None)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from training.engine import TrainingError
+from training.errors import TrainingError
 from training.split import SPLIT_VERSION, UNVERSIONED_SPLIT
 from zoo.checkpoint import CHECKPOINTS, COMPLETE, LATEST, checkpoint_dirs, latest_tag
 from zoo.files import write_atomic

@@ -12,7 +12,7 @@ GFLOP/s against 229 in fp32.
 - `fp16` on a CPU is refused (no DeepSpeed CPU path; fp16 matmuls are slower still).
 
 What counts as native is `training.mfu.cpu_has_native_bf16` / `native_bf16`; Muon's Newton-Schulz
-dtype follows it too (`training.engine.optimizer_groups`).
+dtype follows it too (`training.optim.optimizer_groups`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from training import mfu
-from training.engine import TrainingError
+from training.errors import TrainingError
 from zoo.overrides import with_changes
 from zoo.specs import RunSpec
 

@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 from training import checkpoints
-from training.engine import TrainingError, ds_config_source, lr_factor, resolve_ds_config
+from training.ds_config import ds_config_source, resolve_ds_config
+from training.errors import TrainingError
+from training.optim import lr_factor
 from training.split import check_split_version
 from zoo.checkpoint import read_spec
 from zoo.overrides import SpecError, apply_sets, diff

@@ -17,7 +17,10 @@ import torch.distributed as dist
 
 from training import checkpoints
 from training.data import DataError, PreparedData, Tokenizer, prepare_data
-from training.engine import Dist, TrainingError, initialize, optimizer_groups
+from training.distributed import Dist
+from training.engine import initialize
+from training.errors import TrainingError
+from training.optim import optimizer_groups
 from training.precision import resolve_precision
 from training.resume import run_ds_config
 from zoo.files import write_atomic

@@ -31,7 +31,9 @@ import torch.distributed as dist
 from training import checkpoints, report, startup
 from training.allocator import retain_freed_memory
 from training.data import DataError, TrainBatches, Tokenizer
-from training.engine import Dist, TrainingError, init_distributed, unreported_grad_norm
+from training.distributed import Dist, init_distributed
+from training.engine import unreported_grad_norm
+from training.errors import TrainingError
 from training.mfu import MFU_ABOVE_PEAK_NOTE, BusyPeakWarning, mfu as model_flops_utilisation, peak_flops
 from training.observe import Observer
 from training.precision import DTYPES
