@@ -27,15 +27,18 @@ import torch.distributed as dist
 
 from training.errors import TrainingError
 from training.split import SPLIT_VERSION, UNVERSIONED_SPLIT
-from zoo.checkpoint import CHECKPOINTS, COMPLETE, LATEST, checkpoint_dirs, latest_tag
+from zoo.checkpoint import CHECKPOINTS, COMPLETE, LATEST, checkpoint_dirs
 from zoo.files import write_atomic
 
 SPLIT = "split.json"
-DS_CONFIG = "ds_config.json"
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix("step_"))
 
 
 def write_split_version(run_dir: Path) -> None:
@@ -100,10 +103,10 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
     return run_dir / CHECKPOINTS / tag
 
 
-def load(engine, run_dir: Path, expert_parallel: bool = False) -> dict:
-    tag = latest_tag(run_dir)
-    if tag is None:
-        raise TrainingError(f"--resume: {run_dir / CHECKPOINTS} holds no checkpoint to resume from")
+def load(engine, run_dir: Path, step: int, expert_parallel: bool = False) -> dict:
+    """Checkpoint `step` into `engine` on every rank; its client state (the trainer's step, tokens,
+    data position and generators)."""
+    tag = tag_for(step)
     directory = str(run_dir / CHECKPOINTS)
     failure = None
     try:

@@ -12,6 +12,7 @@ from training.errors import TrainingError
 from zoo.specs import RunSpec
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIG_FILE = "ds_config.json"  # the resolved config, in the run folder
 
 
 def ds_config_source(spec: RunSpec, path: str | None) -> tuple[Path, str]:
