@@ -15,8 +15,10 @@ import torch
 from zoo.host import usable_cpus
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dist:
+    """This process's place among the ranks."""
+
     rank: int
     local_rank: int
     world_size: int

@@ -168,7 +168,7 @@ def hellaswag_accuracy(
 ) -> dict:
     """{"acc", "acc_norm", "n"} of an in-memory model on the first `limit` HellaSwag items of `path`.
 
-    `tokenizer` needs encode/decode/eos_id (training.data.Tokenizer); pass `max_length` =
+    `tokenizer` needs encode/decode/eos_id (zoo.tokenizer.Tokenizer); pass `max_length` =
     spec.data.seq_len so long items are truncated as `zoo eval` truncates them. The model's
     train/eval mode is restored afterwards."""
     docs = hellaswag_docs(path, limit)
