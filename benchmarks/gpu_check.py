@@ -1,4 +1,5 @@
-"""One-GPU health and speed check of Blueberry Zoo: `bash benchmarks/gpu_check.sh` (or this file).
+"""One-GPU health and speed check of Blueberry Zoo: `bash benchmarks/gpu_check.sh`, or
+`python -m benchmarks.gpu_check` from the repository root.
 
 Sections (each fails on its own, with one line, and the rest still run):
   env       device, driver-visible memory, torch and CUDA versions
@@ -30,17 +31,12 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run by path (gpu_check.sh does): the benchmarks package lives in the repo
-    sys.path.insert(0, str(REPO))
-
-from benchmarks import gpu_check_common as common  # noqa: E402
-from benchmarks.gpu_check_attention import section_flash  # noqa: E402
-from benchmarks.gpu_check_common import header, note, run_command, say  # noqa: E402
-from benchmarks.gpu_check_grouped import section_grouped  # noqa: E402
-from benchmarks.gpu_check_train import section_train, section_trainstep  # noqa: E402
+from benchmarks import gpu_check_common as common
+from benchmarks.gpu_check_attention import section_flash
+from benchmarks.gpu_check_common import header, note, run_command, say
+from benchmarks.gpu_check_grouped import section_grouped
+from benchmarks.gpu_check_train import section_train, section_trainstep
 
 SECTIONS = ("env", "matmul", "flash", "grouped", "pytest", "trainstep", "train")  # a full run's order
 

@@ -25,4 +25,4 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
   echo "nvidia-smi: not found"
 fi
-exec "$PYTHON" "$ROOT/benchmarks/gpu_check.py" "$@"
+exec "$PYTHON" -m benchmarks.gpu_check "$@"

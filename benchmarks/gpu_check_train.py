@@ -70,7 +70,7 @@ class GpuPoller:
 
 
 def _datasets_stub_dir() -> str | None:
-    """training/corpus.py imports `datasets` at the top but needs it only for hub/json/parquet sources;
+    """zoo/corpus.py imports `datasets` at the top but needs it only for hub/json/parquet sources;
     when it cannot be imported here, give the trainer a stub so the built-in corpus still works."""
     probe = subprocess.run([sys.executable, "-c", "import datasets"], capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": repo_pythonpath()})
@@ -157,8 +157,8 @@ def section_train(args) -> None:
 
     sets = train_sets(args)
     try:
-        from zoo.cli import resolve
         from zoo.describe import describe
+        from zoo.presets import resolve
 
         spec = resolve(TRAIN_PRESET, [], False)
         d = describe(spec, seq_len=1024)

@@ -31,19 +31,14 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import alternate, median, spread  # noqa: E402
-from training.allocator import retain_freed_memory  # noqa: E402
-from training.mfu import cpu_has_native_bf16  # noqa: E402
-from zoo.blocks.moe import dropless_dispatch  # noqa: E402
+from benchmarks.common import alternate, median, spread
+from training.allocator import retain_freed_memory
+from training.mfu import cpu_has_native_bf16
+from zoo.blocks.moe import dropless_dispatch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -41,23 +41,20 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import alternate, timed  # noqa: E402
-from benchmarks.train_step_contenders import (  # noqa: E402
+from benchmarks.common import alternate, timed
+from benchmarks.train_step_contenders import (
     COMPILED_WARMUP_STEPS, Candidate, Contender, candidates, check_same_workload, default_precisions, profile,
     step_memory_bytes,
 )
-from benchmarks.train_step_report import dtype_peaks, mib, report_line, results_table  # noqa: E402
-from training.allocator import retain_freed_memory  # noqa: E402
-from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, native_bf16  # noqa: E402
-from zoo import presets  # noqa: E402
-from zoo.describe import describe  # noqa: E402
-from zoo.overrides import SpecError, apply_sets  # noqa: E402
-from zoo.specs import RunSpec  # noqa: E402
+from benchmarks.train_step_report import dtype_peaks, mib, report_line, results_table
+from training.allocator import retain_freed_memory
+from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, native_bf16
+from zoo import presets
+from zoo.describe import describe
+from zoo.overrides import SpecError, apply_sets
+from zoo.specs import RunSpec
 
+REPO = Path(__file__).resolve().parents[1]
 HF_EXPERTS = ("eager", "batched_mm", "grouped_mm")
 HF_ATTENTION = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16")

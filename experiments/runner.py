@@ -36,7 +36,7 @@ from pathlib import Path
 from experiments.base import Experiment
 from training import checkpoints
 from training.precision import AUTO_CHOICES
-from zoo.checkpoint import read_spec
+from zoo.checkpoint import latest_tag, read_spec
 from zoo.overrides import SpecError, diff, with_changes
 from zoo.specs import RunSpec
 
@@ -137,7 +137,7 @@ def run_experiment(experiment: Experiment, runs_root: Path, *, smoke: bool = Fal
 
 def is_finished(out: Path, spec: RunSpec) -> bool:
     saved = _saved_spec(out)
-    if saved is None or checkpoints.latest_tag(out) != checkpoints.tag_for(spec.train.steps):
+    if saved is None or latest_tag(out) != checkpoints.tag_for(spec.train.steps):
         return False
     _check_same(out, saved, spec, allow_eval=False)
     return True
@@ -192,7 +192,7 @@ def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke:
 
 
 def _latest_step(out: Path) -> int | None:
-    tag = checkpoints.latest_tag(out)
+    tag = latest_tag(out)
     return int(tag.removeprefix("step_")) if tag else None
 
 

@@ -1,6 +1,6 @@
-"""Evaluation: the `zoo` lm-eval class scores what a hand computation scores, local tasks are lm-eval's
-own, HellaSwag in memory equals HellaSwag through lm-eval, and lm-eval's `hf` class on the exported
-model gives the same acc and acc_norm. CPU, no network (the hub is switched off below)."""
+"""Evaluation: the `zoo` lm-eval class scores what a hand computation scores (batching, truncation,
+rolling windows, generation, held-out perplexity), HellaSwag files are read strictly, and multiple-choice
+scoring follows lm-eval's. CPU, no network (the hub is switched off below)."""
 
 import os
 
@@ -9,67 +9,27 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
 
 import zoo  # noqa: E402
-from training.data import load_or_train_tokenizer  # noqa: E402
-from zoo import presets  # noqa: E402
 from zoo.checkpoint import save_run_folder  # noqa: E402
-from zoo.cli import main  # noqa: E402
-from training.evaluation import ZooLM, hellaswag_accuracy, hellaswag_docs, local_task  # noqa: E402
-from training.evaluation.harness import perplexity  # noqa: E402
-from training.evaluation.lm import EvalError  # noqa: E402
-from training.evaluation.tasks import (  # noqa: E402
-    HellaSwagTooLong, check_hellaswag_fits, hellaswag_requests, multiple_choice_scores,
+from zoo.evaluation import ZooLM, hellaswag_accuracy, hellaswag_docs  # noqa: E402
+from zoo.evaluation.harness import perplexity  # noqa: E402
+from zoo.evaluation.lm import EvalError  # noqa: E402
+from zoo.evaluation.tasks import (  # noqa: E402
+    HellaSwagTooLong, check_hellaswag_fits, multiple_choice_scores,
 )
 from zoo.overrides import with_changes  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-# CLI subprocesses: no hub, and one thread (see _one_thread).
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-HELLASWAG = DATA / "hellaswag_val.jsonl"
-LAMBADA = DATA / "lambada_openai_test.jsonl"
-VOCAB = 512
-MAX_LEN = 128  # most HellaSwag items fit; the longest are left-truncated, identically in both classes
-N_ITEMS = 20  # HellaSwag items in the lm-eval comparisons
-LOGPROB_TOL = 1e-4  # sums of ~20-100 fp32 log-probs of magnitude ~6
-
+from _evaluation import (  # noqa: E402, F401  (fixtures)
+    DATA, HELLASWAG, LOGPROB_TOL, MAX_LEN, VOCAB, lm, run,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(run folder, model, spec, tokenizer): a tiny deepseek_glm4 (MLA + sigmoid MoE) with a tokenizer
-    trained on a slice of Tiny Shakespeare."""
-    paragraphs = [p for p in (DATA / "tinyshakespeare.txt").read_text().split("\n\n") if p.strip()][:1500]
-    tokenizer, _ = load_or_train_tokenizer(paragraphs, vocab_size=VOCAB, cache_dir=tmp_path_factory.mktemp("cache"))
-    changes = {"model.vocab_size": VOCAB, "model.max_seq_len": 2 * MAX_LEN, "data.seq_len": MAX_LEN}
-    spec = with_changes(presets.get("deepseek_glm4", tiny=True), changes)
-    model = zoo.build(spec).eval()
-    run_dir = tmp_path_factory.mktemp("run")
-    save_run_folder(model, spec, run_dir)
-    tokenizer.save(run_dir)
-    return run_dir, model, spec, tokenizer
-
-
-@pytest.fixture(scope="module")
-def lm(run):
-    return ZooLM(str(run[0]), batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def hellaswag_task():
-    return local_task("hellaswag", HELLASWAG)
 
 
 def _logprobs(model, ids):
@@ -252,7 +212,7 @@ def test_generate_until_samples_only_ids_the_tokenizer_can_decode(run, tmp_path,
     """A model vocab larger than the tokenizer's (allowed, as for an imported model): sampling from a
     near-uniform untrained model drew ids past the tokenizer's 512 and SentencePiece raised. Every id
     sampled is recorded and must be below 512; the text is their decoding."""
-    import training.evaluation.lm as lm_module
+    import zoo.evaluation.lm as lm_module
 
     _, _, spec, tokenizer = run
     big = with_changes(spec, {"model.vocab_size": 4 * VOCAB})
@@ -281,129 +241,3 @@ def test_multiple_choice_scores_follow_lm_eval():
     assert multiple_choice_scores([-10.0, -9.0, -20.0, -30.0], choices, gold=1) == (1.0, 0.0)
     ties = [-5.0, -5.0, -50.0, -50.0]  # np.argmax: the first of equal scores wins
     assert multiple_choice_scores(ties, ["ab", "ab", "c", "d"], gold=0) == (1.0, 1.0)
-
-
-# ----------------------------------------------------------------------------- HellaSwag vs lm-eval's task
-
-
-def test_hellaswag_docs_and_requests_are_lm_evals(hellaswag_task):
-    ours = hellaswag_docs(HELLASWAG)
-    theirs = list(hellaswag_task.validation_docs())
-    assert len(ours) == len(theirs) == 10042
-    for mine, doc in zip(ours, theirs):
-        assert mine == {"query": doc["query"], "choices": doc["choices"], "gold": doc["gold"]}
-    assert hellaswag_docs(HELLASWAG, limit=5) == ours[:5]
-
-    hellaswag_task.build_all_requests(limit=N_ITEMS)
-    theirs = sorted((i.doc_id, i.idx, i.arguments) for i in hellaswag_task.instances)
-    mine = sorted((i.doc_id, i.idx, i.arguments) for i in hellaswag_requests(ours[:N_ITEMS]))
-    assert mine == theirs
-
-
-def _evaluate(lm, task, **kwargs):
-    return simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_defaults=False),
-                           limit=N_ITEMS, bootstrap_iters=0, **kwargs)
-
-
-def test_hellaswag_accuracy_in_memory_equals_the_zoo_class_through_lm_eval(run, lm, hellaswag_task):
-    _, model, spec, tokenizer = run
-    through_lm_eval = _evaluate(lm, hellaswag_task, log_samples=False)["results"]["hellaswag"]
-    model.train()
-    in_memory = hellaswag_accuracy(model, tokenizer, HELLASWAG, limit=N_ITEMS, batch_size=8,
-                                   max_length=spec.model.max_seq_len)
-    assert model.training, "hellaswag_accuracy must hand the model back in the mode it found it"
-    model.eval()
-    assert in_memory == {"acc": through_lm_eval["acc,none"], "acc_norm": through_lm_eval["acc_norm,none"],
-                         "n": N_ITEMS}
-
-
-def test_cross_check_against_lm_evals_hf_class_on_the_exported_model(run, lm, hellaswag_task, tmp_path):
-    """The exported model, scored by lm-eval's own `hf` class with a transformers tokenizer read from
-    the same SentencePiece file, gives the zoo class's acc, acc_norm and per-choice log-likelihoods."""
-    from lm_eval.models.huggingface import HFLM
-    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
-
-    from zoo.interop.hf import to_hf
-
-    run_dir, model, spec, tokenizer = run
-    to_hf(model, spec, tmp_path / "hf", special_tokens={"eos_token_id": tokenizer.eos_id})
-    # legacy=True: encode with the SentencePiece model as it is (no dummy prefix, no BOS): our encoding.
-    hf_tokenizer = SentencePieceBackend(vocab_file=str(run_dir / "tokenizer.model"), legacy=True,
-                                        unk_token="<unk>", eos_token="</s>", bos_token=None)
-    for doc in hellaswag_docs(HELLASWAG, limit=N_ITEMS):
-        for text in (doc["query"], *(doc["query"] + " " + choice for choice in doc["choices"])):
-            assert hf_tokenizer.encode(text) == tokenizer.encode(text), text
-    hf = HFLM(pretrained=str(tmp_path / "hf"), tokenizer=hf_tokenizer, max_length=spec.data.seq_len,
-              batch_size=8, device="cpu", dtype="float32")
-
-    hf_out, zoo_out = (_evaluate(model_, hellaswag_task, log_samples=True) for model_ in (hf, lm))
-    for metric in ("acc,none", "acc_norm,none"):
-        assert hf_out["results"]["hellaswag"][metric] == zoo_out["results"]["hellaswag"][metric]
-
-    def logprobs(out):
-        return [[resp[0][0] for resp in sample["resps"]] for sample in out["samples"]["hellaswag"]]
-
-    assert len(logprobs(zoo_out)) == N_ITEMS
-    for hf_item, zoo_item in zip(logprobs(hf_out), logprobs(zoo_out)):
-        assert hf_item == pytest.approx(zoo_item, abs=LOGPROB_TOL)
-
-
-# ----------------------------------------------------------------------------- the CLI
-
-
-def test_cli_eval_prints_a_table_writes_json_and_tensorboard(run, tmp_path):
-    run_dir = run[0]
-    heldout = tmp_path / "heldout.txt"
-    heldout.write_text("O Romeo, Romeo! wherefore art thou Romeo?\n\nDeny thy father and refuse thy name.\n")
-    output = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "zoo.cli", "eval", str(run_dir), "--tasks", "hellaswag,lambada_openai",
-         "--data-file", f"hellaswag={HELLASWAG}", "--data-file", f"lambada_openai={LAMBADA}", "--limit", "8",
-         "--ppl", str(heldout), "--output", str(output)],
-        capture_output=True, text=True, timeout=300, env=OFFLINE_ENV)
-    assert proc.returncode == 0, proc.stderr
-    for word in ("hellaswag", "acc_norm", "lambada_openai", "perplexity", "bits/byte"):
-        assert word in proc.stdout
-    record = json.loads(output.read_text())
-    assert record["tasks"]["hellaswag"]["n"] == 8 and record["tasks"]["lambada_openai"]["n"] == 8
-    assert record["tasks"]["lambada_openai"]["perplexity"] > 1 and record["perplexity"]["documents"] == 2
-    # The CLI's numbers are the model's: the same run folder scored in this process (HellaSwag in memory,
-    # truncated at data.seq_len as `zoo eval` truncates; held-out perplexity through the zoo class).
-    _, model, spec, tokenizer = run
-    in_memory = hellaswag_accuracy(model, tokenizer, HELLASWAG, limit=8, max_length=spec.data.seq_len)
-    assert {m: record["tasks"]["hellaswag"][m] for m in ("acc", "acc_norm", "n")} == in_memory
-    ppl = perplexity(ZooLM(str(run_dir)), heldout)
-    for key in ("tokens", "bytes"):
-        assert record["perplexity"][key] == ppl[key]
-    for key in ("nll_per_token", "token_perplexity", "bits_per_byte"):
-        assert record["perplexity"][key] == pytest.approx(ppl[key], rel=1e-6)  # fp32 log-probs, same batches
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("eval/")}
-    expected = {f"eval/{task}/{metric}": value for task, metrics in record["tasks"].items()
-                for metric, value in metrics.items() if metric != "n" and not metric.endswith("_stderr")}
-    expected.update({f"eval/ppl/{key}": record["perplexity"][key]
-                     for key in ("token_perplexity", "bits_per_byte", "nll_per_token")})
-    assert {"eval/hellaswag/acc", "eval/hellaswag/acc_norm", "eval/lambada_openai/acc"} <= set(expected)
-    assert logged == pytest.approx(expected, rel=1e-6)  # TensorBoard stores float32 (24-bit mantissa, ~6e-8)
-
-
-@pytest.mark.parametrize("args,words", [
-    (["eval", "{missing}", "--tasks", "hellaswag", "--data-file", f"hellaswag={HELLASWAG}"], ["does not exist"]),
-    (["eval", "{run}", "--tasks", "hellaswag", "--data-file", "hellaswag"], ["TASK=PATH"]),
-    (["eval", "{run}", "--tasks", "arc_easy", "--data-file", "arc_easy=x.jsonl"], ["no local version", "hellaswag"]),
-    (["eval", "{run}", "--tasks", "hellaswag", "--data-file", "hellaswag={missing}"], ["no such file"]),
-    (["eval", "{run}"], ["nothing to evaluate"]),
-    (["eval", "{run}", "--tasks", "hellaswg"], ["unknown task 'hellaswg'", "did you mean hellaswag"]),
-    (["eval", "{run}", "--tasks", "hellaswag"], ["from the hub", "offline, use --data-file hellaswag=PATH"]),
-])
-def test_cli_eval_bad_input_is_one_line_exit_2(run, tmp_path, capsys, args, words):
-    args = [a.format(run=run[0], missing=tmp_path / "nope") for a in args]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for word in words:
-        assert word in err

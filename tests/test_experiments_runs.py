@@ -225,6 +225,7 @@ def test_ctrl_c_saves_the_trainers_progress_and_the_runner_resumes(smoke_env, tm
     import time
 
     from training import checkpoints
+    from zoo.checkpoint import latest_tag
 
     env = {**os.environ, **smoke_env}
     command = [sys.executable, "-c", INTERRUPTIBLE, str(tmp_path)]
@@ -239,11 +240,11 @@ def test_ctrl_c_saves_the_trainers_progress_and_the_runner_resumes(smoke_env, tm
     assert runner.returncode == 3, output
     text = log.read_text()
     assert "stopped by signal 2" in text, text
-    saved = int(checkpoints.latest_tag(run).removeprefix("step_"))
+    saved = int(latest_tag(run).removeprefix("step_"))
     assert 2 <= saved < 60
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert checkpoints.latest_tag(run) == checkpoints.tag_for(60)
+    assert latest_tag(run) == checkpoints.tag_for(60)
     assert f"done: 60 steps ({60 - saved} this run)" in log.read_text()
 
 

@@ -1,11 +1,17 @@
-"""Arrows point one way: blocks import neither pydantic, fiddle, nor the spec/builder/training layers."""
+"""Arrows point one way: experiments and benchmarks -> training -> zoo, and blocks import neither
+pydantic, fiddle, nor the spec/builder/training layers."""
 
 import ast
 from pathlib import Path
 
+import pytest
+
 import zoo.blocks
 
+ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("pydantic", "fiddle", "zoo.specs", "zoo.builders", "zoo.presets", "zoo.overrides", "training")
+# What each package must not import (nested and lazy imports included): the layers above it.
+ABOVE = {"zoo": ("training", "experiments", "benchmarks"), "training": ("experiments", "benchmarks")}
 
 
 def _imports(path: Path) -> set[str]:
@@ -18,27 +24,28 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _within(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
 def test_blocks_import_no_config_library():
     files = sorted(Path(zoo.blocks.__file__).parent.glob("*.py"))
     assert len(files) >= 8
     for path in files:
         for name in _imports(path):
-            assert not any(name == f or name.startswith(f + ".") for f in FORBIDDEN), (
-                f"{path.name} imports {name}: blocks must stay plain torch"
-            )
+            assert not _within(name, FORBIDDEN), f"{path.name} imports {name}: blocks must stay plain torch"
 
 
 def test_the_check_catches_a_forbidden_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from pydantic import BaseModel\nimport fiddle as fdl\n")
-    assert {"pydantic", "fiddle"} <= _imports(bad)
+    bad.write_text("from pydantic import BaseModel\nimport fiddle as fdl\n\ndef f():\n    from training import trainer\n")
+    assert {"pydantic", "fiddle", "training"} <= _imports(bad)
 
 
-def test_zoo_does_not_import_training():
-    """experiments -> training -> zoo: only the `zoo` command (the application on top) may reach training."""
-    root = Path(zoo.blocks.__file__).parents[1]
-    for path in sorted(root.rglob("*.py")):
-        if path.name == "cli.py" and path.parent == root:
-            continue
-        for name in _imports(path):
-            assert not (name == "training" or name.startswith("training.")), f"{path} imports {name}"
+@pytest.mark.parametrize("package", sorted(ABOVE))
+def test_imports_point_down_the_layers(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files
+    wrong = [f"{path.relative_to(ROOT)} imports {name}" for path in files for name in sorted(_imports(path))
+             if _within(name, ABOVE[package])]
+    assert not wrong, f"{package} may not import {', '.join(ABOVE[package])}: " + "; ".join(wrong)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from training import mfu, precision
-from training.engine import TrainingError
+from training.errors import TrainingError
 from zoo import presets
 from zoo.builders import build
 from zoo.overrides import with_changes
@@ -243,9 +243,9 @@ def test_fp32_on_a_gpu_is_half_the_bf16_peak_only_with_tf32(monkeypatch):
 def test_newton_schulz_runs_in_bf16_only_on_a_cpu_with_bf16(monkeypatch, native, method):
     """DeepSpeed's "standard" Newton-Schulz runs in bf16 on any CPU; "gram" in fp16 where oneDNN has
     it, else fp32."""
-    from training import engine
+    from training import optim
 
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: native)
     spec = _spec()
-    groups = engine.optimizer_groups(build(spec), spec, torch.device("cpu"))
+    groups = optim.optimizer_groups(build(spec), spec, torch.device("cpu"))
     assert [g["ns_method"] for g in groups if g["name"] == "muon"] == [method]

@@ -7,7 +7,7 @@ step page-faults them in again and the kernel zero-fills each page: 37-47k minor
 (150-190 MB) at W2 on CPU. `retain_freed_memory` turns mmap off (M_MMAP_MAX 0: everything from the
 heap) and raises the trim threshold to 2 GiB, so freed memory is reused: about 10k faults a step,
 and W2's compiled bf16 step 67 ms (13%) faster, W1's 8-16 ms, measured as paired steps alternating
-the two settings in one process (2 cores, 2026-11-28). PyTorch's CPU tuning guide gets the same
+the two settings in one process (2 cores). PyTorch's CPU tuning guide gets the same
 from jemalloc or tcmalloc through LD_PRELOAD; this needs no other library.
 
 Peak memory is unchanged (the heap holds what was freed, not more than the peak) but is not

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from training.engine import TrainingError
+from training.errors import TrainingError
 from training.split import SPLIT_VERSION, UNVERSIONED_SPLIT
+from zoo.checkpoint import CHECKPOINTS, COMPLETE, LATEST, checkpoint_dirs
 from zoo.files import write_atomic
 
-CHECKPOINTS = "checkpoints"
-COMPLETE = "complete"  # marker file inside a tag folder
-LATEST = "latest"
 SPLIT = "split.json"
 
 
@@ -39,16 +37,8 @@ def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def latest_tag(run_dir: Path) -> str | None:
-    """The tag `latest` names if its folder exists, else the newest folder marked complete, else None."""
-    directory = run_dir / CHECKPOINTS
-    pointer = directory / LATEST
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if tag and (directory / tag).is_dir():
-            return tag
-    complete = [p.name for p in _tag_dirs(directory) if (p / COMPLETE).is_file()]
-    return complete[-1] if complete else None
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix("step_"))
 
 
 def write_split_version(run_dir: Path) -> None:
@@ -70,7 +60,7 @@ def read_split_version(run_dir: Path) -> int:
 
 def incomplete_tags(run_dir: Path) -> list[str]:
     """Checkpoint folders no save finished (a crash mid-save): never resumed from, pruned at the next save."""
-    return [p.name for p in _tag_dirs(run_dir / CHECKPOINTS) if not (p / COMPLETE).is_file()]
+    return [p.name for p in checkpoint_dirs(run_dir) if not (p / COMPLETE).is_file()]
 
 
 def remove_incomplete(run_dir: Path) -> list[str]:
@@ -79,13 +69,6 @@ def remove_incomplete(run_dir: Path) -> list[str]:
     for tag in tags:
         shutil.rmtree(run_dir / CHECKPOINTS / tag, ignore_errors=True)
     return tags
-
-
-def _tag_dirs(directory: Path) -> list[Path]:
-    """The step_* folders, oldest first (tags are zero-padded, so names sort by step)."""
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_"))
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, expert_parallel: bool = False,
@@ -115,15 +98,15 @@ def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, e
     if dist.get_rank() == 0:
         write_atomic(run_dir / CHECKPOINTS / tag / COMPLETE, f"{tag}\n")
         write_atomic(run_dir / CHECKPOINTS / LATEST, tag)
-        _prune(run_dir / CHECKPOINTS, keep_last, keep=tag)
+        _prune(run_dir, keep_last, keep=tag)
     dist.barrier()  # no rank reads `latest` or starts the next save before rank 0 has moved it
     return run_dir / CHECKPOINTS / tag
 
 
-def load(engine, run_dir: Path, expert_parallel: bool = False) -> dict:
-    tag = latest_tag(run_dir)
-    if tag is None:
-        raise TrainingError(f"--resume: {run_dir / CHECKPOINTS} holds no checkpoint to resume from")
+def load(engine, run_dir: Path, step: int, expert_parallel: bool = False) -> dict:
+    """Checkpoint `step` into `engine` on every rank; its client state (the trainer's step, tokens,
+    data position and generators)."""
+    tag = tag_for(step)
     directory = str(run_dir / CHECKPOINTS)
     failure = None
     try:
@@ -163,10 +146,10 @@ def agreed_failure(failures: list[str | None]) -> str:
     return "; ".join(f"rank {rank}: {reason}" for rank, reason in failed.items())
 
 
-def _prune(directory: Path, keep_last: int, keep: str) -> None:
+def _prune(run_dir: Path, keep_last: int, keep: str) -> None:
     """Keep the newest `keep_last` complete checkpoints and `keep`; incomplete folders (crashed saves,
     or ones a resume from an older checkpoint left ahead of it) never count and are removed."""
-    tags = _tag_dirs(directory)
+    tags = checkpoint_dirs(run_dir)
     complete = [p for p in tags if (p / COMPLETE).is_file()]
     kept = {p.name for p in complete[-keep_last:]} | {keep}
     for old in tags:

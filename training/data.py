@@ -5,7 +5,7 @@
     tokenizer = load_or_train_tokenizer(sample of train_docs)   # cached by content hash
     blocks = pack(tokenize(docs), seq_len)        # (N, seq_len) int64, EOS after every document
 
-The first two steps live in `training.corpus` (sources: builtin, local files, the hub) and
+The first two steps live in `zoo.corpus` (sources: builtin, local files, the hub) and
 `training.split`; this module trains the tokenizer, packs and batches, and `prepare_data` runs it all.
 
 Shapes: N = blocks, B = batch size, T = seq_len. Labels are the inputs: the model shifts them.
@@ -24,7 +24,7 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from training.corpus import PARAGRAPHS, DataError, load_documents  # noqa: F401  (DataError: part of this API)
+from zoo.corpus import PARAGRAPHS, DataError, load_documents  # noqa: F401  (DataError: part of this API)
 from training.split import (
     SPLIT_VERSION, UNVERSIONED_SPLIT, check_split_version, check_val_fraction, split_documents)
 from zoo.files import write_atomic

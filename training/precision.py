@@ -2,7 +2,7 @@
 
 bf16 is only fast where the hardware computes it. On a CPU without bf16 dot-product instructions
 (x86: avx512_bf16 or AMX), PyTorch's bf16 matmul falls back to a slow path: 0.3 GFLOP/s against
-136 GFLOP/s in fp32 for 2048^3 on a 2-core AVX2 EPYC (Zen 3, torch 2.13.0, 2026-12-01), so a bf16
+136 GFLOP/s in fp32 for 2048^3 on a 2-core AVX2 EPYC (Zen 3, torch 2.13.0), so a bf16
 run there would take hundreds of times longer. On an avx512_bf16 EPYC (Zen 4) bf16 ran at 983
 GFLOP/s against 229 in fp32.
 
@@ -12,7 +12,7 @@ GFLOP/s against 229 in fp32.
 - `fp16` on a CPU is refused (no DeepSpeed CPU path; fp16 matmuls are slower still).
 
 What counts as native is `training.mfu.cpu_has_native_bf16` / `native_bf16`; Muon's Newton-Schulz
-dtype follows it too (`training.engine.optimizer_groups`).
+dtype follows it too (`training.optim.optimizer_groups`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from training import mfu
-from training.engine import TrainingError
+from training.errors import TrainingError
 from zoo.overrides import with_changes
 from zoo.specs import RunSpec
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.checkpoints import CHECKPOINTS, tag_for
+from training.checkpoints import tag_for
 from training.mfu import format_mfu
 from training.observe import Observer
 from zoo.blocks.moe import RouterStats
+from zoo.checkpoint import CHECKPOINTS
 from zoo.specs import RunSpec
 
 

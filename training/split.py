@@ -11,7 +11,7 @@ import re
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from training.corpus import DataError
+from zoo.corpus import DataError
 
 # Bump whenever a change to this module moves documents between the splits: a run resumed across it would
 # score val/loss on another validation set and train on former validation text. Recorded with the run

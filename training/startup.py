@@ -1,15 +1,11 @@
-"""What the trainer does before its first step, in order: the spec settled for this device, layouts
-DeepSpeed cannot train refused at the door, the data (rank 0 first), the model in its DeepSpeed engine,
-and the run folder's files.
+"""What the trainer builds from its plan before the first step, in order: the data (rank 0 first), the
+model in its DeepSpeed engine, and the run folder's files.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,81 +13,39 @@ import torch.distributed as dist
 
 from training import checkpoints
 from training.data import DataError, PreparedData, Tokenizer, prepare_data
-from training.engine import Dist, TrainingError, initialize, optimizer_groups
-from training.precision import resolve_precision
-from training.resume import run_ds_config
+from training.ds_config import DS_CONFIG_FILE
+from training.engine import initialize
+from training.errors import TrainingError
+from training.optim import optimizer_groups
+from training.plan import Plan
+from zoo.checkpoint import write_spec
 from zoo.files import write_atomic
-from zoo.specs import MoESpec, RunSpec
+from zoo.specs import RunSpec
+from zoo.tokenizer import TOKENIZER_FILENAME
 
 
-def settle(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> RunSpec:
-    """The spec with its precision resolved for this device, once its layout is checked. A fresh run
-    first removes the folders of a save that never finished."""
-    if not args.resume and env.rank == 0:
-        # Folders of a save that never finished (the run was killed during its first checkpoint).
-        removed = checkpoints.remove_incomplete(out)
-        if removed:
-            print(f"{out}: removed unfinished checkpoint folders {', '.join(removed)}", flush=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        spec = resolve_precision(spec, env.device)  # auto -> bf16 or fp32 for this device; spec.json records it
-    if env.rank == 0:
-        for warning in caught:  # one line, without the source line `warnings` would print
-            print(f"training: warning: {warning.message}", file=sys.stderr)
-    check_layout(spec, env.world_size)
-    return spec
-
-
-def check_layout(spec: RunSpec, world_size: int) -> None:
-    moe = [layer.ffn for layer in spec.model.layer_specs() if isinstance(layer.ffn, MoESpec)]
-    ep = spec.deepspeed.ep_size
-    if spec.deepspeed.zero_stage == 3 and moe:
-        raise TrainingError("deepspeed.zero_stage=3 serves dense presets only (DeepSpeed's MoE path rejects "
-                            "ZeRO-3); use --set deepspeed.zero_stage=2")
-    if spec.eval.hellaswag_limit:
-        path = spec.eval.hellaswag_path
-        if path is None or not Path(path).is_file():
-            raise TrainingError(f"eval.hellaswag_limit={spec.eval.hellaswag_limit} needs eval.hellaswag_path to name "
-                                f"a HellaSwag JSONL file (got {path!r}), e.g. ../shared/data/hellaswag_val.jsonl")
-        from training.evaluation.lm import EvalError
-        from training.evaluation.tasks import hellaswag_docs
-
-        try:  # the records the evaluations will read, now rather than eval_every steps into training
-            docs = hellaswag_docs(path, spec.eval.hellaswag_limit)
-        except EvalError as err:
-            raise TrainingError(f"eval.hellaswag_path: {err}") from None
-        if not docs:
-            raise TrainingError(f"eval.hellaswag_path={path!r} holds no HellaSwag records")
-    if ep > 1:
-        if world_size % ep:
-            raise TrainingError(f"deepspeed.ep_size={ep} must divide the number of ranks ({world_size})")
-        bad = sorted({f.n_experts for f in moe if f.n_experts % ep})
-        if not moe or bad:
-            raise TrainingError(f"deepspeed.ep_size={ep} must divide every MoE layer's n_experts "
-                                f"(found {bad or 'no MoE layer'})")
-
-
-def build(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> tuple[object, object, PreparedData]:
+def build(plan: Plan) -> tuple[object, object, PreparedData]:
     """The DeepSpeed engine, its optimizer and the data, seeded from train.seed; rank 0 writes the run
     folder's ds_config.json, spec.json and tokenizer.model."""
     import deepspeed
 
+    spec, out, ranks = plan.spec, plan.out, plan.ranks
     deepspeed.utils.logger.setLevel("WARNING")
     torch.manual_seed(spec.train.seed)
-    prepared = _prepare_data(spec, env.rank)
-    _check_min_data(prepared, spec, env.world_size)
+    prepared = _prepare_data(spec, ranks.rank)
+    _check_min_data(prepared, spec, ranks.world_size)
     tokenizer: Tokenizer = prepared.tokenizer
-    if args.resume and not Tokenizer.load(out).same_model(tokenizer):
-        raise TrainingError(f"--resume: the data now gives a different tokenizer than {out / 'tokenizer.model'}; "
+    if plan.resume and not Tokenizer.load(out).same_model(tokenizer):
+        raise TrainingError(f"--resume: the data now gives a different tokenizer than {out / TOKENIZER_FILENAME}; "
                             "the corpus or its settings changed since the run started")
-    engine, optimizer, ds_config = _engine(args, spec, out, env)
+    engine, optimizer = _engine(plan)
     if spec.eval.hellaswag_limit:
-        _check_hellaswag_fits(engine.module, tokenizer, spec, resume=args.resume)
-    if env.rank == 0:
+        _check_hellaswag_fits(engine.module, tokenizer, spec, resume=plan.resume)
+    if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         # Atomically: a resumed run rewrites them, and a crash mid-write must not leave a run that cannot resume.
-        write_atomic(out / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
-        write_atomic(out / "spec.json", spec.model_dump_json(indent=2) + "\n")
+        write_atomic(out / DS_CONFIG_FILE, json.dumps(plan.ds_config, indent=2) + "\n")
+        write_spec(out, spec)
         tokenizer.save(out)
         checkpoints.write_split_version(out)
     return engine, optimizer, prepared
@@ -125,8 +79,8 @@ def _check_hellaswag_fits(model, tokenizer: Tokenizer, spec: RunSpec, *, resume:
     """Every HellaSwag item the evaluations will score fits the training length: found out now, not
     eval_every steps into training, when the run would stop before that step's checkpoint. The fixes
     offered are ones this run can take (a resumed run cannot change data.seq_len)."""
-    from training.evaluation.lm import EvalError
-    from training.evaluation.tasks import HellaSwagTooLong, check_hellaswag_fits
+    from zoo.evaluation.lm import EvalError
+    from zoo.evaluation.tasks import HellaSwagTooLong, check_hellaswag_fits
 
     limit = spec.eval.hellaswag_limit
     try:
@@ -151,25 +105,25 @@ def _check_min_data(prepared: PreparedData, spec: RunSpec, world_size: int) -> N
         )
 
 
-def _engine(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> tuple[object, object, dict]:
-    """The model in its DeepSpeed engine, the optimizer, and the resolved DeepSpeed config."""
+def _engine(plan: Plan) -> tuple[object, object]:
+    """The model in its DeepSpeed engine, and the optimizer."""
     import zoo
 
+    spec, device = plan.spec, plan.ranks.device
     model = zoo.build(spec)
     ep_size = spec.deepspeed.ep_size
-    ds_name, ds_config = run_ds_config(args, out, spec, env.world_size)
     if ep_size > 1:
         from training.expert_parallel import check_ds_config, enable_expert_parallel, moe_param_groups
 
         try:
-            check_ds_config(ds_config, ep_size)
+            check_ds_config(plan.ds_config, ep_size)
             enable_expert_parallel(model, ep_size)  # before the groups: it replaces the expert parameters
         except ValueError as err:
             raise TrainingError(str(err)) from None
-        groups = moe_param_groups(optimizer_groups(model, spec, env.device))
+        groups = moe_param_groups(optimizer_groups(model, spec, device))
     else:
-        groups = optimizer_groups(model, spec, env.device)
-    engine, optimizer, _ = initialize(model, spec, groups, ds_config, source=ds_name)
+        groups = optimizer_groups(model, spec, device)
+    engine, optimizer, _ = initialize(model, spec, groups, plan.ds_config, source=plan.ds_name)
     if spec.train.compile:
         engine.compile()
-    return engine, optimizer, ds_config
+    return engine, optimizer

@@ -10,8 +10,15 @@ biases. User errors (a bad preset, path, setting or checkpoint) print one line a
 inf loss stops the run with one line naming the step and exits 1; SIGTERM/SIGINT save a checkpoint
 and exit 0.
 
-Before the first step: resume.py (the run's spec, folder and start) and startup.py (device, data, engine).
-During it: report.py (console and TensorBoard), validation.py, signals.py, checkpoints.py.
+A run, step by step:
+
+1. plan.py: the command line (or the run folder, on --resume) becomes one immutable Plan: the final
+   spec, the run folder, the start step, the DeepSpeed config, the rank layout. Bad input stops here.
+2. startup.py: from the plan, the data (rank 0 first), the model in its DeepSpeed engine (engine.py,
+   optim.py, ds_config.py), and the run folder's files.
+3. On --resume, the checkpoint's engine, data position and generators (checkpoints.py).
+4. The loop: each optimizer step, then logging (report.py: console and TensorBoard), validation
+   (validation.py), checkpoints (checkpoints.py), and a stop on a signal (signals.py) or --stop-after.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,22 +37,23 @@ import torch.distributed as dist
 from training import checkpoints, report, startup
 from training.allocator import retain_freed_memory
 from training.data import DataError, TrainBatches, Tokenizer
-from training.engine import Dist, TrainingError, init_distributed, unreported_grad_norm
+from training.engine import unreported_grad_norm
+from training.errors import TrainingError
 from training.mfu import MFU_ABOVE_PEAK_NOTE, BusyPeakWarning, mfu as model_flops_utilisation, peak_flops
 from training.observe import Observer
+from training.plan import Plan, make_plan
 from training.precision import DTYPES
 from training.report import StepStats
-from training.resume import DEFAULT_PRESET, resolve_run
 from training.signals import StopFlag
 from training.validation import evaluate, hellaswag_scores
-from zoo.checkpoint import save_run_folder
+from zoo.checkpoint import CHECKPOINTS, latest_tag, save_run_folder
 from zoo.describe import describe
 from zoo.overrides import SpecError
+from zoo.presets import DEFAULT_PRESET
 from zoo.specs import RunSpec
 
 PROCESS_START = time.perf_counter()
 EXIT_USAGE, EXIT_NONFINITE = 2, 1
-_check_layout = startup.check_layout  # tests reach it here, where it lived
 
 
 class NonFiniteLoss(Exception):
@@ -69,11 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @dataclass
 class _Run:
-    """A started run: what every step uses, and what the steps add up."""
+    """A started run: its plan, what every step uses, and what the steps add up."""
 
-    spec: RunSpec
-    out: Path
-    env: Dist
+    plan: Plan
     engine: object  # DeepSpeed's engine
     optimizer: torch.optim.Optimizer
     tokenizer: Tokenizer
@@ -84,55 +89,49 @@ class _Run:
     biased: dict  # the routers with auxiliary-loss-free biases, by layer
     flops_per_token: float
     machine_peak: float
-    start_step: int
     tokens_seen: int
-    stop_after: int | None  # --stop-after
     val: dict[str, float] = field(default_factory=dict)  # the latest validation
     above_peak_said: bool = False
 
 
 def train(args: argparse.Namespace) -> int:
-    spec, out, resumed_at = resolve_run(args)
-    if args.resume and resumed_at == spec.train.steps:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"{out} already finished its train.steps={spec.train.steps} steps; nothing to do "
-                  f"(pass --set train.steps=N with N > {resumed_at} to train further)", flush=True)
+    plan = make_plan(args)
+    if plan is None:  # a --resume of a run that already finished
         return 0
-    env = init_distributed()
-    spec = startup.settle(args, spec, out, env)
-    run = _start(args, spec, out, env)
+    spec, out = plan.spec, plan.out
+    run = _start(plan)
     wall_start = time.perf_counter()
     try:
-        for step in range(run.start_step, spec.train.steps):
+        for step in range(plan.start_step, spec.train.steps):
             if _one_step(run, step):
                 return 0
     except NonFiniteLoss as err:
         run.observer.close()
-        last = checkpoints.latest_tag(out)
-        print(f"training: stopped: {err}; last good checkpoint: {out / checkpoints.CHECKPOINTS / last if last else 'none'}",
+        last = latest_tag(out)
+        print(f"training: stopped: {err}; last good checkpoint: {out / CHECKPOINTS / last if last else 'none'}",
               file=sys.stderr)
         return EXIT_NONFINITE
 
     wall = time.perf_counter() - wall_start
     run.observer.hparams(report.hparams(spec), {"hparam/val_loss": run.val.get("val/loss", float("nan"))})
     run.observer.close()
-    if env.rank == 0:
-        print(report.closing_line(out, spec, start_step=run.start_step, tokens_seen=run.tokens_seen, val=run.val,
+    if plan.ranks.rank == 0:
+        print(report.closing_line(out, spec, start_step=plan.start_step, tokens_seen=run.tokens_seen, val=run.val,
                                   wall=wall), flush=True)
     return 0
 
 
-def _start(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> _Run:
-    """The engine, data and run folder (training/startup.py); on --resume the checkpoint's state; the
-    opening line."""
+def _start(plan: Plan) -> _Run:
+    """The data and engine (training/startup.py); on --resume the checkpoint's state; the opening line."""
+    spec, env = plan.spec, plan.ranks
     rank0 = env.rank == 0
-    engine, optimizer, prepared = startup.build(args, spec, out, env)
+    engine, optimizer, prepared = startup.build(plan)
     train_batches = prepared.train_batches(spec.train.micro_batch_size, rank=env.rank, world_size=env.world_size)
     val_batches = prepared.val_batches(spec.train.micro_batch_size, max_blocks=spec.eval.val_blocks)
-    start_step, tokens_seen = 0, 0
-    if args.resume:
-        state = checkpoints.load(engine, out, expert_parallel=spec.deepspeed.ep_size > 1)
-        start_step, tokens_seen = state["step"], state["tokens"]
+    tokens_seen = 0
+    if plan.resume:
+        state = checkpoints.load(engine, plan.out, plan.start_step, expert_parallel=spec.deepspeed.ep_size > 1)
+        tokens_seen = state["tokens"]
         train_batches.load_state_dict(state["data"])
         _restore_rng(state)
 
@@ -143,36 +142,36 @@ def _start(args: argparse.Namespace, spec: RunSpec, out: Path, env: Dist) -> _Ru
     for warning in caught if rank0 else ():  # one line, without the source line `warnings` would print
         print(f"training: warning: {warning.message}", file=sys.stderr, flush=True)
     startup_s = time.perf_counter() - PROCESS_START
-    observer = Observer(out, total_steps=spec.train.steps, start_step=start_step, enabled=rank0)
-    observer.message(report.opening_line(out, spec, env.world_size, prepared.summary(), startup_s))
+    observer = Observer(plan.out, total_steps=spec.train.steps, start_step=plan.start_step, enabled=rank0)
+    observer.message(report.opening_line(plan.out, spec, env.world_size, prepared.summary(), startup_s))
     # The peak perf/mfu divides by (all ranks'), so that any MFU can be checked against tokens/s.
-    observer.scalars(start_step, {"perf/startup_s": startup_s,
-                                  **({} if math.isnan(machine_peak) else {"perf/peak_flops": machine_peak})})
+    observer.scalars(plan.start_step, {"perf/startup_s": startup_s,
+                                       **({} if math.isnan(machine_peak) else {"perf/peak_flops": machine_peak})})
     stop = StopFlag(announce=rank0)
     biased = {i: m.router for i, m in engine.module.moe_layers().items() if m.router.has_routing_bias}
-    return _Run(spec, out, env, engine, optimizer, prepared.tokenizer, train_batches, val_batches, observer, stop,
-                biased, flops_per_token, machine_peak, start_step, tokens_seen, args.stop_after)
+    return _Run(plan, engine, optimizer, prepared.tokenizer, train_batches, val_batches, observer, stop, biased,
+                flops_per_token, machine_peak, tokens_seen)
 
 
 def _one_step(run: _Run, step: int) -> bool:
     """Optimizer step `step` + 1 and what follows it: logging, validation, a checkpoint. True when the run
     stops after it (a signal or --stop-after) before train.steps."""
-    spec, observer = run.spec, run.observer
+    plan, spec, observer = run.plan, run.plan.spec, run.observer
     result = _update(run, step)
     run.tokens_seen += result.tokens
     done = step + 1
-    if done % spec.train.log_every == 0 or done == spec.train.steps or done == run.start_step + 1:
+    if done % spec.train.log_every == 0 or done == spec.train.steps or done == plan.start_step + 1:
         _log(run, done, result)
     if done % spec.train.eval_every == 0 or done == spec.train.steps:
         _validate(run, done)
-    stopping = result.signalled or done == run.stop_after
+    stopping = result.signalled or done == plan.stop_after
     if done % spec.train.ckpt_every == 0 or done == spec.train.steps or stopping:
-        _save(run.engine, run.out, done, run.tokens_seen, run.train_batches, spec, run.tokenizer, run.env.rank == 0)
+        _save(run.engine, plan.out, done, run.tokens_seen, run.train_batches, spec, run.tokenizer, plan.ranks.rank == 0)
     if stopping and done < spec.train.steps:
         # Every rank takes this branch alike (result.signalled is all-reduced), so the collective is safe.
-        reason = f"signal {_agreed_signal(run.stop.signum, run.env.device)}" if result.signalled else "--stop-after"
+        reason = f"signal {_agreed_signal(run.stop.signum, plan.ranks.device)}" if result.signalled else "--stop-after"
         observer.message(f"stopped by {reason} at step {done}; resume with --resume; "
-                         f"checkpoint {run.out / checkpoints.CHECKPOINTS / checkpoints.tag_for(done)}")
+                         f"checkpoint {plan.out / CHECKPOINTS / checkpoints.tag_for(done)}")
         observer.close()
         return True
     return False
@@ -181,14 +180,14 @@ def _one_step(run: _Run, step: int) -> bool:
 def _update(run: _Run, step: int) -> StepStats:
     """The accumulation window's micro-batches and one update; then one all-reduce carries every layer's
     expert loads, the losses and the stop request, and the routing biases move on the summed loads."""
-    spec, engine, device = run.spec, run.engine, run.env.device
+    spec, engine, ranks = run.plan.spec, run.engine, run.plan.ranks
     t0 = time.perf_counter()
     sums, loads, stats, lrs, own_norm = _accumulate(run, step)
     applied = engine.was_step_applied()  # False when fp16's loss scaler skipped the update
     grad_norm = engine.get_global_grad_norm() if own_norm is None else own_norm
     _check_grad_norm(grad_norm, spec, step + 1, applied=applied)
     layers = sorted(loads)
-    stop_requested = torch.tensor([float(run.stop.signum)], dtype=torch.float64, device=device)
+    stop_requested = torch.tensor([float(run.stop.signum)], dtype=torch.float64, device=ranks.device)
     packed = torch.cat([*(loads[i].double() for i in layers), sums, stop_requested])
     dist.all_reduce(packed)
     sizes = [loads[i].numel() for i in layers]
@@ -196,8 +195,8 @@ def _update(run: _Run, step: int) -> StepStats:
         loads[layer] = load.float()
     if applied:  # a skipped update leaves the weights, so the biases stay too
         engine.module.update_routing_biases({i: loads[i] for i in run.biased})
-    loss, ce, aux = (packed[sum(sizes):sum(sizes) + 3] / (spec.train.grad_accum * run.env.world_size)).tolist()
-    tokens = spec.train.micro_batch_size * spec.train.grad_accum * run.env.world_size * spec.data.seq_len
+    loss, ce, aux = (packed[sum(sizes):sum(sizes) + 3] / (spec.train.grad_accum * ranks.world_size)).tolist()
+    tokens = spec.train.micro_batch_size * spec.train.grad_accum * ranks.world_size * spec.data.seq_len
     return StepStats(loss, ce, aux, grad_norm, lrs, stats, loads, tokens, seconds=time.perf_counter() - t0,
                      signalled=packed[-1].item() > 0)
 
@@ -206,10 +205,10 @@ def _accumulate(run: _Run, step: int) -> tuple[torch.Tensor, dict, dict, dict[st
     """Forward and backward of each micro-batch, engine.step() after each (DeepSpeed updates after the last).
     The summed (loss, ce, aux), each MoE layer's summed loads and last stats, the LRs the update used, and
     the gradient norm where DeepSpeed reports none (unreported_grad_norm), checked before the update."""
-    spec, engine = run.spec, run.engine
-    sums, loads, stats = torch.zeros(3, dtype=torch.float64, device=run.env.device), {}, {}
+    spec, engine, device = run.plan.spec, run.engine, run.plan.ranks.device
+    sums, loads, stats = torch.zeros(3, dtype=torch.float64, device=device), {}, {}
     for micro in range(spec.train.grad_accum):
-        batch = next(run.train_batches).to(run.env.device)
+        batch = next(run.train_batches).to(device)
         result = engine(batch, labels=batch, return_logits=False)
         _check_finite(result.loss, step + 1, micro)
         engine.backward(result.loss)
@@ -229,17 +228,17 @@ def _accumulate(run: _Run, step: int) -> tuple[torch.Tensor, dict, dict, dict[st
 
 def _log(run: _Run, step: int, result: StepStats) -> None:
     mfu = model_flops_utilisation(result.tokens_per_s, run.flops_per_token, run.machine_peak)  # None without a peak
-    skipped = run.engine.skipped_steps if run.spec.train.precision == "fp16" else None
+    skipped = run.engine.skipped_steps if run.plan.spec.train.precision == "fp16" else None
     report.log_step(run.observer, step, result, tokens_seen=run.tokens_seen, mfu=mfu, biased=run.biased,
-                    world_size=run.env.world_size, skipped_steps=skipped)
+                    world_size=run.plan.ranks.world_size, skipped_steps=skipped)
     if mfu is not None and mfu > 1 and not run.above_peak_said:
         run.observer.message(MFU_ABOVE_PEAK_NOTE)
         run.above_peak_said = True
 
 
 def _validate(run: _Run, step: int) -> None:
-    spec = run.spec
-    val, hellaswag = evaluate(run.engine, run.val_batches, run.env.device), ""
+    spec = run.plan.spec
+    val, hellaswag = evaluate(run.engine, run.val_batches, run.plan.ranks.device), ""
     if spec.eval.hellaswag_limit:
         scores = hellaswag_scores(run.engine, run.tokenizer, spec)
         val.update({"hellaswag/acc": scores["acc"], "hellaswag/acc_norm": scores["acc_norm"]})
@@ -330,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(err)
         code = EXIT_USAGE
     except ValueError as err:
-        from training.evaluation.lm import EvalError  # e.g. a HellaSwag item longer than the context
+        from zoo.evaluation.lm import EvalError  # e.g. a HellaSwag item longer than the context
 
         if not isinstance(err, EvalError):
             raise

@@ -29,7 +29,7 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> dict[
 
 def hellaswag_scores(engine, tokenizer: Tokenizer, spec: RunSpec) -> dict[str, float]:
     """hellaswag_accuracy's {"acc", "acc_norm", "n"} at the length the model trains on."""
-    from training.evaluation import hellaswag_accuracy
+    from zoo.evaluation import hellaswag_accuracy
 
     return hellaswag_accuracy(engine.module, tokenizer, spec.eval.hellaswag_path, limit=spec.eval.hellaswag_limit,
                               batch_size=spec.train.micro_batch_size, max_length=spec.data.seq_len)

@@ -4,9 +4,11 @@ evaluation reads.
     RUN_DIR/spec.json          the RunSpec (`RunSpec.model_validate_json`); rebuilds the module graph
     RUN_DIR/model.safetensors  the model's state_dict (parameters and persistent buffers such as the
                                routers' correction biases); tied weights are stored once
+    RUN_DIR/checkpoints/       training's checkpoints (training.checkpoints); `latest_tag` names the
+                               newest complete one, whose weights model.safetensors holds
 
-A run folder holds nothing else this module needs: `load_run_folder` rebuilds the model from the spec
-alone and loads the weights strictly, so a spec/weights mismatch is an error, not a silent partial load.
+`load_run_folder` rebuilds the model from the spec alone and loads the weights strictly, so a
+spec/weights mismatch is an error, not a silent partial load.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 
 from zoo.builders import build
+from zoo.files import write_atomic
 from zoo.overrides import SpecError, validation_message
 from zoo.specs import RunSpec
-from zoo.files import write_atomic
 
 SPEC_FILE = "spec.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKPOINTS = "checkpoints"  # RUN_DIR/checkpoints/<tag>/, tags step_NNNNNNN
+COMPLETE = "complete"  # marker file inside a tag folder, written once every rank has written its part
+LATEST = "latest"  # RUN_DIR/checkpoints/latest: the newest complete tag
 
 
 def save_run_folder(
@@ -40,7 +45,7 @@ def save_run_folder(
         raise TypeError(f"save_run_folder needs a RunSpec, got {type(spec).__name__}: wrap a ModelSpec as RunSpec(model=...)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / SPEC_FILE, (spec.model_dump_json(indent=2) + "\n").encode())
+    write_spec(run_dir, spec)
     state = model.state_dict() if state_dict is None else state_dict
     tied = getattr(model.lm_head, "weight", None) is model.embed.weight
     # Own, contiguous copies: an engine's parameters may be views into one flat buffer.
@@ -51,6 +56,11 @@ def save_run_folder(
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, run_dir / WEIGHTS_FILE)
     return run_dir
+
+
+def write_spec(run_dir: Path, spec: RunSpec) -> None:
+    """RUN_DIR/spec.json, atomically: a crash mid-write must not leave a run that cannot resume."""
+    write_atomic(run_dir / SPEC_FILE, spec.model_dump_json(indent=2) + "\n")
 
 
 def read_spec(path: str | Path) -> RunSpec:
@@ -90,3 +100,23 @@ def load_run_folder(run_dir: str | Path, *, dtype: torch.dtype = torch.float32) 
             f"{weights_path} does not match {SPEC_FILE}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         )
     return model.eval(), spec
+
+
+def latest_tag(run_dir: Path) -> str | None:
+    """The tag `latest` names if its folder exists, else the newest folder marked complete, else None."""
+    directory = run_dir / CHECKPOINTS
+    pointer = directory / LATEST
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if tag and (directory / tag).is_dir():
+            return tag
+    complete = [p.name for p in checkpoint_dirs(run_dir) if (p / COMPLETE).is_file()]
+    return complete[-1] if complete else None
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """RUN_DIR/checkpoints/step_* folders, oldest first (tags are zero-padded, so names sort by step)."""
+    directory = run_dir / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_"))

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from zoo import presets
-from zoo.overrides import ABSENT, SpecError, apply_sets, diff
+from zoo.overrides import ABSENT, SpecError, diff
+from zoo.presets import resolve
 from zoo.specs import RunSpec
 
 EXIT_USAGE = 2
@@ -23,11 +24,6 @@ GRAPH_FORMATS = ("png", "svg", "pdf", "dot")
 
 class UsageError(Exception):
     """A user error: printed as one line, exit status 2."""
-
-
-def resolve(name: str, sets: list[str] | None = None, tiny: bool = False) -> RunSpec:
-    """A preset with --set edits applied: what every command (training included) starts from."""
-    return apply_sets(presets.get(name, tiny=tiny), sets or [])
 
 
 def _add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +129,7 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from training.evaluation.harness import EvalError, eval_run
+    from zoo.evaluation.harness import EvalError, eval_run
     from zoo.generate import RunError
     from zoo.tokenizer import TokenizerError
 

@@ -21,14 +21,9 @@ class SpecError(ValueError):
     """A bad spec or edit; the message is one line naming the field and the fix."""
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """'model.ffn.top_k=4' -> ('model.ffn.top_k', 4). Values are JSON, or else a plain string."""
-    path, value, _ = _parse(text)
-    return path, value
-
-
 def _parse(text: str) -> tuple[str, Any, str]:
-    """(path, value, the value's text as typed)."""
+    """'model.ffn.top_k=4' -> ('model.ffn.top_k', 4, '4'): the path, the value (JSON, or else a plain
+    string) and the value's text as typed."""
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
         raise SpecError(f"--set expects path=value (e.g. model.ffn.top_k=4), got {text!r}")

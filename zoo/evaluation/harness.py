@@ -20,8 +20,8 @@ from pathlib import Path
 
 from lm_eval.api.instance import Instance
 
-from training.evaluation.lm import EvalError, ZooLM
-from training.evaluation.tasks import LOCAL_TASKS, local_task
+from zoo.evaluation.lm import EvalError, ZooLM
+from zoo.evaluation.tasks import LOCAL_TASKS, local_task
 
 # Enough draws for a stable stderr of perplexity-type metrics (lm-eval's default of 100,000 takes
 # minutes on a laptop); `mean` metrics such as acc have a closed-form stderr and ignore this.
@@ -93,11 +93,11 @@ def run_tasks(lm: ZooLM, tasks: list[str], *, data_files: dict[str, str] | None 
 
 
 def perplexity(lm: ZooLM, path: str | Path, *, limit: int | None = None) -> dict:
-    """Perplexity of a held-out file: its documents (training.corpus.load_documents: paragraphs of a text
+    """Perplexity of a held-out file: its documents (zoo.corpus.load_documents: paragraphs of a text
     file, rows of JSON/parquet) each scored from the EOS prefix with lm-eval's rolling windows.
     Returns documents, tokens, bytes, nll_per_token, token_perplexity and bits_per_byte (the
     tokenizer-independent number to compare runs with different vocabularies)."""
-    from training.corpus import DataError, load_documents
+    from zoo.corpus import DataError, load_documents
 
     path = Path(path)
     if not path.is_file():
@@ -213,9 +213,9 @@ def eval_run(
 
 def run_step(run_dir: str | Path) -> int:
     """The optimizer step of a run folder's weights: that of training's newest complete checkpoint
-    (training.checkpoints.latest_tag, step_NNNNNNN), whose weights model.safetensors holds; 0 when
-    there is none."""
-    from training.checkpoints import latest_tag
+    (zoo.checkpoint.latest_tag, step_NNNNNNN), whose weights model.safetensors holds; 0 when there is
+    none."""
+    from zoo.checkpoint import latest_tag
 
     tag = latest_tag(Path(run_dir))
     match = re.fullmatch(r"step_(\d+)", tag) if tag else None

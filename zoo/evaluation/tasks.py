@@ -22,7 +22,7 @@ import numpy as np
 from lm_eval.api.instance import Instance
 from torch import nn
 
-from training.evaluation.lm import EvalError, ZooLM
+from zoo.evaluation.lm import EvalError, ZooLM
 
 # Task name -> its YAML under lm_eval/tasks/. Other tasks run from the hub (`zoo eval --tasks NAME`).
 LOCAL_TASKS = {
@@ -168,7 +168,7 @@ def hellaswag_accuracy(
 ) -> dict:
     """{"acc", "acc_norm", "n"} of an in-memory model on the first `limit` HellaSwag items of `path`.
 
-    `tokenizer` needs encode/decode/eos_id (training.data.Tokenizer); pass `max_length` =
+    `tokenizer` needs encode/decode/eos_id (zoo.tokenizer.Tokenizer); pass `max_length` =
     spec.data.seq_len so long items are truncated as `zoo eval` truncates them. The model's
     train/eval mode is restored afterwards."""
     docs = hellaswag_docs(path, limit)

@@ -1,7 +1,7 @@
 """Evaluation: an lm-eval model class (`zoo`), lm-eval tasks on local files, HellaSwag for training,
 held-out perplexity.
 
-    from training.evaluation import ZooLM, hellaswag_accuracy
+    from zoo.evaluation import ZooLM, hellaswag_accuracy
     hellaswag_accuracy(model, tokenizer, "hellaswag_val.jsonl", limit=500, max_length=spec.model.max_seq_len)
     # -> {"acc": ..., "acc_norm": ..., "n": 500}
 
@@ -9,7 +9,7 @@ Importing this package registers the `zoo` model with lm-eval (`lm_eval.simple_e
 model_args="pretrained=RUN_DIR", ...)` then works too).
 """
 
-from training.evaluation.lm import EvalError, ZooLM
-from training.evaluation.tasks import LOCAL_TASKS, hellaswag_accuracy, hellaswag_docs, local_task
+from zoo.evaluation.lm import EvalError, ZooLM
+from zoo.evaluation.tasks import LOCAL_TASKS, hellaswag_accuracy, hellaswag_docs, local_task
 
 __all__ = ["LOCAL_TASKS", "EvalError", "ZooLM", "hellaswag_accuracy", "hellaswag_docs", "local_task"]
