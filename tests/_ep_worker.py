@@ -43,7 +43,7 @@ MUON_LR, ADAM_LR = 0.02, 3e-3
 # directly, without the trainer's clip of the raw gradients before Newton-Schulz: under ZeRO-1/2 the norm
 # DeepSpeed takes and clips by is that of the orthogonalised Muon updates (plus AdamW's raw gradients),
 # far above 1, so every update is divided by it. Fine for comparing ep_size 1 and 2, which share that
-# order; the trainer's raw-gradient clip is tested in tests/test_training.py.
+# order; the trainer's raw-gradient clip is tested in tests/test_training_engine.py.
 GRAD_CLIP = 1.0
 
 

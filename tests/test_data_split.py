@@ -121,8 +121,8 @@ def _random_text(rng, n_words):
 
 def test_documents_differing_only_in_whitespace_stay_in_one_split():
     """Windows are hashed over whitespace-normalised text, so re-wrapped or re-indented copies are grouped.
-    On raw text the builtin corpus put 4-8 of 93 validation docstrings (seeds 0-3) that repeat a training
-    passage with other line breaks (`logging`'s root-logger helpers) in validation."""
+    Hashed on raw text, the builtin corpus would put 4-8 of 93 validation docstrings (seeds 0-3) that
+    repeat a training passage with other line breaks (`logging`'s root-logger helpers) in validation."""
     paragraph = ("Log a message with severity 'CRITICAL' on the root logger. If the logger has no handlers, "
                  "call basicConfig() to add a console handler with a pre-defined format.")
     copies = [textwrap.fill(paragraph, width) for width in (30, 47, 72)]
@@ -196,8 +196,8 @@ def test_winnowing_starts_one_character_above_the_threshold_and_streams(monkeypa
 
 def test_a_groups_chance_of_validation_does_not_grow_with_its_size(monkeypatch):
     """Groups are ranked by the seeded hash of one member. Ranked by the minimum over members, a group of
-    k documents had ~k draws at an early rank: the builtin corpus' validation held 35% documents from
-    multi-document groups (mean over seeds 0-19) against 16% of the corpus."""
+    k documents would have ~k draws at an early rank: the builtin corpus' validation would hold 35%
+    documents from multi-document groups (mean over seeds 0-19) against 16% of the corpus."""
     rng = random.Random(0)
     grouped = [f"{passage} (copy {i})" for passage in (_random_text(rng, 20) for _ in range(20)) for i in range(5)]
     docs = grouped + [f"a single document {i}" for i in range(400)]
@@ -211,6 +211,6 @@ def test_a_groups_chance_of_validation_does_not_grow_with_its_size(monkeypatch):
     # A group's rank is uniform whatever its size, so the expected share of grouped documents in
     # validation is at most their share of the corpus, 0.2 (less, as a group that no longer fits is
     # skipped). The seeds give independent shares, so a fair split's mean exceeds 0.2 by 4 standard
-    # errors with probability ~3e-5. Ranked by the minimum over members, the mean was 0.48.
+    # errors with probability ~3e-5. Ranked by the minimum over members, the mean would be 0.48.
     mean, sd = statistics.fmean(shares), statistics.stdev(shares)
     assert mean <= len(grouped) / len(docs) + 4 * sd / len(shares) ** 0.5, (mean, sd)

@@ -115,8 +115,8 @@ def test_malformed_hellaswag_file_names_the_file_and_line(tmp_path):
 
 
 def test_a_non_utf8_hellaswag_file_names_the_line_and_byte(tmp_path):
-    """It was a UnicodeDecodeError traceback; then a byte offset within the decoder's chunk, and a file
-    refused for a bad byte beyond the records asked for whenever the read-ahead reached it."""
+    """An EvalError naming the line and the bad byte's offset in the file (not within a decoder's chunk);
+    a bad byte beyond the records asked for is never read, however far a read-ahead would go."""
     records = HELLASWAG.read_text().splitlines(keepends=True)[:40]
     good = "".join(records).encode()
     bad = tmp_path / "h.jsonl"

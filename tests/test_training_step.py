@@ -107,7 +107,7 @@ def test_observer_logs_expert_loads_max_vio_entropy_and_bias_norm(tmp_path):
 
 
 def test_routing_biases_move_on_the_loads_of_the_whole_accumulation_window(one_rank, cache_dir, tmp_path, monkeypatch):
-    """README: the biases move once per optimizer step, on expert loads summed over the accumulation
+    """docs/training.md: the biases move once per optimizer step, on expert loads summed over the accumulation
     window. The trainer's loop, in this process, for one step of two micro-batches: the loads it hands to
     update_routing_biases are the sum of the two forwards' loads, and the bias moves by
     bias_update_rate * sign(mean load - load) of that sum (DeepSeek-V3's auxiliary-loss-free rule)."""

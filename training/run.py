@@ -1,6 +1,6 @@
 """Train a preset: `python training/run.py --preset NAME` or `deepspeed training/run.py --preset NAME`.
 
-See training/trainer.py for the options and README.md for examples (clusters: `deepspeed --hostfile`).
+See training/trainer.py for the options and docs/training.md for examples (clusters: `deepspeed --hostfile`).
 """
 
 import sys
