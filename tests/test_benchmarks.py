@@ -125,7 +125,7 @@ def test_train_step_benchmark_bad_input_is_one_line_exit_2(argv, words, capsys):
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("skew", [0.0, 0.4], ids=["balanced", "unequal-loads"])
+@pytest.mark.parametrize("skew", [0.0, pytest.param(0.4, marks=pytest.mark.slow)], ids=["balanced", "unequal-loads"])
 def test_moe_layer_dispatchers_agree_with_the_fp32_reference(skew):
     args = argparse.Namespace(hf_experts=["eager", "grouped_mm"], warmup=0, reps=1, skew=skew)
     rows = moe_layer.run(moe_layer.WORKLOADS["w1"], "bf16", args)

@@ -142,8 +142,10 @@ def test_cli_eval_prints_a_table_writes_json_and_tensorboard(run, tmp_path):
     (["eval", "{run}", "--tasks", "arc_easy", "--data-file", "arc_easy=x.jsonl"], ["no local version", "hellaswag"]),
     (["eval", "{run}", "--tasks", "hellaswag", "--data-file", "hellaswag={missing}"], ["no such file"]),
     (["eval", "{run}"], ["nothing to evaluate"]),
-    (["eval", "{run}", "--tasks", "hellaswg"], ["unknown task 'hellaswg'", "did you mean hellaswag"]),
-    (["eval", "{run}", "--tasks", "hellaswag"], ["from the hub", "offline, use --data-file hellaswag=PATH"]),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [  # lm-eval's task index: seconds to load
+        (["eval", "{run}", "--tasks", "hellaswg"], ["unknown task 'hellaswg'", "did you mean hellaswag"]),
+        (["eval", "{run}", "--tasks", "hellaswag"], ["from the hub", "offline, use --data-file hellaswag=PATH"]),
+    ]),
 ])
 def test_cli_eval_bad_input_is_one_line_exit_2(run, tmp_path, capsys, args, words):
     args = [a.format(run=run[0], missing=tmp_path / "nope") for a in args]

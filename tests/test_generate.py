@@ -271,6 +271,7 @@ def zoo_cli(*args):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_generate_cached_and_uncached_agree(run_dir):
     outputs = []
     for flags in ([], ["--no-cache"]):
@@ -284,15 +285,18 @@ def test_cli_generate_cached_and_uncached_agree(run_dir):
 @pytest.mark.parametrize("args,words", [
     (["generate", "{missing}", "--prompt", "hi"], ["does not exist"]),
     (["generate", "{run}", "--prompt", "word " * 200], ["the prompt is", "max_seq_len", "64"]),
-    (["generate", "{run}", "--prompt", "hi", "--max-new-tokens", "100"], ["max_new_tokens <="]),
-    (["generate", "{run}", "--prompt", "hi", "--temperature", "-1"], ["temperature=-1.0"]),
-    (["generate", "{run}", "--prompt", "hi", "--temperature", "inf", "--max-new-tokens", "4"], ["temperature=inf", "finite"]),
-    (["generate", "{run}", "--prompt", "hi", "--top-k", "5", "--max-new-tokens", "4"],
-     ["--top-k only applies when sampling", "--temperature 0.0 decodes greedily", "drop --top-k"]),
-    (["generate", "{run}", "--prompt", "hi", "--top-p", "0.9", "--temperature", "0", "--max-new-tokens", "4"],
-     ["--top-p only applies when sampling", "--temperature > 0"]),
-    (["generate", "{junk}", "--prompt", "hi"], ["tokenizer.model", "is not a SentencePiece model"]),
-    (["eval", "{junk}", "--ppl", "{junk}/spec.json"], ["tokenizer.model", "is not a SentencePiece model"]),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (["generate", "{run}", "--prompt", "hi", "--max-new-tokens", "100"], ["max_new_tokens <="]),
+        (["generate", "{run}", "--prompt", "hi", "--temperature", "-1"], ["temperature=-1.0"]),
+        (["generate", "{run}", "--prompt", "hi", "--temperature", "inf", "--max-new-tokens", "4"],
+         ["temperature=inf", "finite"]),
+        (["generate", "{run}", "--prompt", "hi", "--top-k", "5", "--max-new-tokens", "4"],
+         ["--top-k only applies when sampling", "--temperature 0.0 decodes greedily", "drop --top-k"]),
+        (["generate", "{run}", "--prompt", "hi", "--top-p", "0.9", "--temperature", "0", "--max-new-tokens", "4"],
+         ["--top-p only applies when sampling", "--temperature > 0"]),
+        (["generate", "{junk}", "--prompt", "hi"], ["tokenizer.model", "is not a SentencePiece model"]),
+        (["eval", "{junk}", "--ppl", "{junk}/spec.json"], ["tokenizer.model", "is not a SentencePiece model"]),
+    ]),
 ])
 def test_cli_generate_bad_input_is_one_line_exit_2(run_dir, junk_tokenizer_run_dir, tmp_path, args, words):
     args = [a.format(run=run_dir, junk=junk_tokenizer_run_dir, missing=tmp_path / "nope") for a in args]
@@ -312,6 +316,7 @@ def test_cli_generate_samples_only_ids_the_tokenizer_can_decode(big_vocab_run_di
     assert out.startswith("ROMEO:") and "20 new tokens" in err
 
 
+@pytest.mark.slow
 def test_cli_generate_warns_when_dynamic_ntk_and_the_cache_may_differ(ntk_run_dir):
     """Past original_max_seq_len cached keys keep their own step's rotation: say so, once, only then."""
     def warnings(*flags, new=40):

@@ -48,6 +48,7 @@ def _train(precision: str, seed: int) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_bf16_training_reaches_the_fp32_loss_within_seed_noise():
     fp32_a, fp32_b, bf16 = _train("fp32", 0), _train("fp32", 1), _train("bf16", 0)
 

@@ -17,6 +17,7 @@ from _training import train
 from _training import cache_dir, one_rank  # noqa: F401  (fixtures)
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_is_one_line_and_deleting_it_falls_back(cache_dir, tmp_path):
     out = tmp_path / "run"
     assert train(cache_dir, out, "--set", "train.steps=2", "--set", "train.eval_every=100",

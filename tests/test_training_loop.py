@@ -96,6 +96,7 @@ def test_train_end_to_end(cache_dir, tmp_path):
         assert scalars(out, f"moe/layer_{layer}/routing_bias_norm")[12] == pytest.approx(bias_norm, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(cache_dir, tmp_path):
     common = ["--set", "train.precision=fp32", "--set", "train.log_every=1", "--set", "train.ckpt_every=3",
               "--set", "train.eval_every=100", "--set", "train.grad_accum=2"]
@@ -112,6 +113,7 @@ def test_resume_continues_exactly(cache_dir, tmp_path):
     assert scalars(straight, "lr/muon") == scalars(split, "lr/muon")
 
 
+@pytest.mark.slow
 def test_lr_schedule_counts_optimizer_steps(cache_dir, tmp_path):
     out = tmp_path / "run"
     proc = train(cache_dir, out, "--set", "train.steps=6", "--set", "train.warmup_steps=2", "--set", "train.grad_accum=3",
@@ -126,6 +128,7 @@ def test_lr_schedule_counts_optimizer_steps(cache_dir, tmp_path):
         assert logged[step] == pytest.approx(0.01 * lr_factor(step - 1, spec), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_hellaswag_during_training(cache_dir, tmp_path):
     data = ROOT.parent / "shared" / "data" / "hellaswag_val.jsonl"
     out = tmp_path / "run"
@@ -144,6 +147,7 @@ def test_hellaswag_during_training(cache_dir, tmp_path):
     assert "line 1: not a HellaSwag record" in wrong.stderr and not (tmp_path / "wrong" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_explicit_bf16_warns_in_one_line_only_on_a_cpu_without_bf16(cache_dir, tmp_path):
     proc = train(cache_dir, tmp_path / "run", "--set", "train.precision=bf16", "--set", "train.steps=1",
                  "--set", "train.eval_every=1")

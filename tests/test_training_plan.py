@@ -19,9 +19,9 @@ from _training import ROOT, train, write_text
 from _training import cache_dir  # noqa: F401  (fixtures)
 
 
-@pytest.mark.parametrize("case", ["preset", "path", "empty", "seq_len", "fp16", "resume", "ds_config", "ds_precision",
-                                  "ds_not_object", "ds_bf16_bool", "ds_zero_int", "ds_bad_value", "ds_spec_path",
-                                  "stop_after_zero", "stop_after_past", "hellaswag_too_long"])
+@pytest.mark.parametrize("case", ["preset", *(pytest.param(case, marks=pytest.mark.slow) for case in (
+    "path", "empty", "seq_len", "fp16", "resume", "ds_config", "ds_precision", "ds_not_object", "ds_bf16_bool",
+    "ds_zero_int", "ds_bad_value", "ds_spec_path", "stop_after_zero", "stop_after_past", "hellaswag_too_long"))])
 def test_bad_input_is_one_line(cache_dir, tmp_path, case):
     out = tmp_path / "run"
     args, words = {
@@ -92,6 +92,7 @@ def test_resume_across_a_new_split_version_is_refused_before_the_data(tmp_path):
     assert checkpoints.read_split_version(run) == 2 and plan.resolve_run(args)[2] == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_it_cannot_continue_and_keeps_its_ds_config(cache_dir, tmp_path):
     out = tmp_path / "run"
     custom = write_text(tmp_path / "custom.json", '{"zero_optimization": {"stage": "auto", "reduce_bucket_size": 123456}}')

@@ -33,6 +33,7 @@ def test_nan_loss_stops_naming_the_step(cache_dir, tmp_path):
     assert "Traceback" not in proc.stderr and "loss is nan at step 1" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 0])
 def test_diverged_gradients_stop_naming_the_step(cache_dir, tmp_path, stage):
     """A 1e38 learning rate overflows the weights after one step. ZeRO-0 in fp32 reports no gradient
@@ -48,6 +49,7 @@ def test_diverged_gradients_stop_naming_the_step(cache_dir, tmp_path, stage):
     assert all(torch.isfinite(p).all() for p in model.state_dict().values())
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(cache_dir, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "ZOO_CACHE": str(cache_dir)}
