@@ -17,6 +17,7 @@ and `<!-- leak at most -->` (or `at least`) makes the quote a bound on the print
 """
 
 import argparse
+import atexit
 import contextlib
 import functools
 import io
@@ -179,6 +180,7 @@ class LessonRun:
 @functools.cache
 def run_lesson(lesson: Path) -> LessonRun:
     folder = Path(tempfile.mkdtemp(prefix=f"course-{lesson.stem}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     work = _workspace(folder)
     python_path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = {**os.environ, "PYTHONPATH": python_path, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
