@@ -187,6 +187,7 @@ def run_lesson(lesson: Path) -> LessonRun:
            "HF_DATASETS_OFFLINE": "1", "COURSE_PYTHON": sys.executable, "COURSE_PORT": str(_free_port()),
            "COURSE_DEEPSPEED": str(Path(sys.executable).parent / "deepspeed")}
     env.setdefault("ZOO_CACHE", str(Path(tempfile.gettempdir()) / "zoo-course-cache"))
+    env.setdefault("OMP_NUM_THREADS", "1")  # toy shapes gain nothing from threads; on a busy machine they stall
     report = folder / "results.json"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tests.test_course", "--run", str(lesson), "--work", str(work),
