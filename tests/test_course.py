@@ -13,7 +13,7 @@ it that printed that key (or, failing that, the nearest after it), and the quote
 to the quote's digits; `<!-- val loss ±0.05 -->` allows that much for figures that vary with the CPU,
 and `<!-- leak at most -->` (or `at least`) makes the quote a bound on the printed number.
 
-    python -m tests.test_course --figures    # run every lesson, copy its figures into docs/course/figures/
+    python -m tests.test_course --figures    # rerun the lessons that show figures, copy them to docs/course/figures/
 """
 
 import argparse
@@ -268,8 +268,8 @@ def test_quote_rules():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--figures", action="store_true", help="run every lesson and copy its figures to "
-                        "docs/course/figures/")
+    parser.add_argument("--figures", action="store_true", help="run every lesson that shows a figure and copy "
+                        "its figures to docs/course/figures/")
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)  # the child: run one lesson's blocks
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
@@ -280,7 +280,7 @@ def main() -> None:
     if not args.figures:
         parser.error("nothing to do: pass --figures (the tests run with pytest)")
     (COURSE / "figures").mkdir(exist_ok=True)
-    for lesson in LESSONS:
+    for lesson in [p for p in LESSONS if FIGURE.search(p.read_text())]:
         run = run_lesson(lesson)
         for figure in FIGURE.findall(run.text):
             shutil.copyfile(run.work / figure, COURSE / figure)
