@@ -65,9 +65,10 @@ _GROUP: dict[str, dict[str, str]] = {}  # the one-rank group's variables, once i
 @pytest.fixture(scope="module")
 def one_rank(request, one_thread):
     """The trainer's one-rank gloo group (training.distributed.init_distributed), for engines built in this process;
-    yields the variables it sets (RANK, LOCAL_RANK, ...). They are set only while an engine runs: left
+    returns the variables it sets (RANK, LOCAL_RANK, ...). They are set only while an engine runs: left
     in the environment, they would make later `training/run.py` subprocesses take themselves for launched ranks.
-    One group for the whole session, destroyed at its end: DeepSpeed keeps the groups it was given."""
+    The fixture is per module, the group per session: made by the first module that asks, destroyed at the
+    session's end (DeepSpeed keeps the groups it was given)."""
     from training.distributed import init_distributed
 
     if "launched" not in _GROUP:

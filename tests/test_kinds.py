@@ -3,6 +3,8 @@ uses it, builds at toy size, trains a step's worth, is described truthfully and 
 registered later (here, a toy attention) goes through the same code paths with no other edit.
 """
 
+import dataclasses
+import functools
 from typing import Literal
 
 import fiddle as fdl
@@ -14,14 +16,17 @@ from torch import nn
 import zoo
 from experiments.base import CPU
 from zoo import presets
-from zoo.blocks.routers import Router
+from zoo.blocks.mlp import SwiGLU
+from zoo.blocks.rope import RotaryEmbedding
+from zoo.blocks.routers import Router, SoftmaxTopKRouter
 from zoo.describe import describe
 from zoo.interop.hf_config import SUPPORTED, hf_config_dict
-from zoo.kinds import Count, Kind, Size, Spec, kinds, register, registered
+from zoo.kinds import Count, Kind, Size, Spec, kinds, register, registered, unregister
 from zoo.kinds.registry import SLOTS, matrix_numel, numel
+from zoo.kinds.rope_scaling import ScalingSpec
 from zoo.overrides import SpecError, apply_sets
 from zoo.presets.tiny import tiny
-from zoo.specs import MHASpec, ModelSpec, MoESpec, RopeSpec, RunSpec
+from zoo.specs import MHASpec, MLASpec, ModelSpec, MoESpec, RopeSpec, RunSpec, SigmoidGroupTopKRouterSpec
 
 KINDS = [kind for slot in SLOTS for kind in kinds(slot)]
 
@@ -169,3 +174,120 @@ def test_a_registration_is_checked():
     with pytest.raises(ValueError, match="slot 'mixer' is not one of"):
         register(Kind("mixer", CumulativeMeanSpec, build=_build, describe=_describe))
     assert CumulativeMeanSpec not in {k.spec for k in kinds("attention")}
+
+
+def test_a_kind_registered_again_keeps_its_place_in_the_unions():
+    """A test that swaps a built-in kind out and back leaves the unions, and so the JSON schema, as they were."""
+    schema, order = RunSpec.model_json_schema(), {slot: kinds(slot) for slot in SLOTS}
+    for slot in SLOTS:
+        first = kinds(slot)[0]
+        unregister(first)
+        try:
+            assert first not in kinds(slot)
+        finally:
+            register(first)
+    assert {slot: kinds(slot) for slot in SLOTS} == order
+    assert RunSpec.model_json_schema() == schema
+
+
+# ----------------------------------------------------------------------------- toy FFN, router, RoPE scaling
+
+
+class PlainMLPSpec(Spec):
+    """Toy FFN kind with no Hugging Face format: the SwiGLU block under another name."""
+
+    kind: Literal["plain_mlp"] = "plain_mlp"
+    d_hidden: int = Field(64, ge=1)
+
+
+def _build_plain(spec: PlainMLPSpec, *, d_model: int) -> fdl.Config:
+    return fdl.Config(SwiGLU, d_model=d_model, d_hidden=spec.d_hidden)
+
+
+def _describe_plain(ffn: SwiGLU, seq_len: int) -> Count:
+    return Count("plain", numel(ffn), numel(ffn), 2 * matrix_numel(ffn))
+
+
+PLAIN_MLP = Kind("ffn", PlainMLPSpec, build=_build_plain, describe=_describe_plain)
+
+
+class PlainTopKSpec(Spec):
+    """Toy router kind with no fields at all (no norm_topk_prob) and no Hugging Face format."""
+
+    kind: Literal["plain_topk"] = "plain_topk"
+
+
+def _build_plain_topk(spec: PlainTopKSpec, *, d_model: int, n_experts: int, top_k: int) -> fdl.Config:
+    return fdl.Config(SoftmaxTopKRouter, d_model=d_model, n_experts=n_experts, top_k=top_k)
+
+
+PLAIN_TOPK = Kind("router", PlainTopKSpec, build=_build_plain_topk)
+
+
+def _stretched(dim: int, theta: float, *, factor: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)) / factor
+
+
+class StretchScaling(ScalingSpec):
+    """Toy RoPE scaling whose rule zoo/blocks/rope.py does not know: it brings its own frequencies."""
+
+    kind: Literal["stretch"] = "stretch"
+    factor: float = Field(3.0, ge=1.0)
+
+
+STRETCH_ATTENTION_FACTOR = 0.5
+
+
+def _rotary_stretch(spec: StretchScaling) -> dict:
+    return dict(frequencies=functools.partial(_stretched, factor=spec.factor),
+                attention_factor=STRETCH_ATTENTION_FACTOR)
+
+
+STRETCH = Kind("rope_scaling", StretchScaling, build=_rotary_stretch)
+
+
+def test_a_rope_scaling_registered_in_a_test_brings_its_rule_to_the_block(one_thread):
+    with registered(STRETCH):
+        spec = _run_using(STRETCH)
+        _check_run(spec, "the stretch scaling")
+        rope = zoo.build(spec).layers[0].attention.rope
+        torch.testing.assert_close(rope.inv_freq, _stretched(rope.dim, rope.theta, factor=3.0))
+        assert rope.attention_factor == STRETCH_ATTENTION_FACTOR and rope.softmax_scale_factor == 1.0
+    with pytest.raises(ValueError, match="RoPE scaling 'stretch': pass frequencies= for a scaling other than"):
+        RotaryEmbedding(dim=8, scaling="stretch")
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn': pass frequencies= for a scaling other than"):
+        RotaryEmbedding(dim=8, scaling="yarn", original_max_seq_len=16, frequencies=_stretched)
+    with pytest.raises(ValueError, match="'linear' computes its own attention and softmax factors"):
+        RotaryEmbedding(dim=8, scaling="linear", attention_factor=2.0)
+
+
+def test_a_router_kind_without_norm_topk_prob_validates_with_top_1():
+    with registered(PLAIN_TOPK):
+        assert MoESpec(n_experts=4, top_k=1, router=PlainTopKSpec()).router == PlainTopKSpec()
+
+
+def _one_line_error(spec: ModelSpec) -> str:
+    with pytest.raises(SpecError) as err:
+        hf_config_dict(spec)
+    assert "\n" not in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def test_hf_export_refuses_kinds_its_format_lacks_by_field():
+    """Every slot's kind is checked against the format's model_type (its `hf_formats`) before the
+    exporter reads any field, so a new kind meets one line naming it, not an AttributeError."""
+    with registered(PLAIN_MLP), registered(PLAIN_TOPK), registered(STRETCH):
+        assert _one_line_error(ModelSpec(ffn=PlainMLPSpec())) == (
+            "model.ffn.kind='plain_mlp': glm4_moe has no such FFN; its FFN kinds: mlp, moe")
+        moe = MoESpec(n_experts=4, router=SigmoidGroupTopKRouterSpec())
+        mixed = ModelSpec(n_layers=3, ffn=moe, overrides=[{"layers": [1], "ffn": {"kind": "plain_mlp"}}])
+        assert _one_line_error(mixed).startswith("model.overrides: layer 1's ffn.kind='plain_mlp': glm4_moe has")
+        assert _one_line_error(ModelSpec(attention=MLASpec(), ffn=MoESpec(n_experts=4, router=PlainTopKSpec()))) == (
+            "model.ffn.router.kind='plain_topk': deepseek_v3 has no such router; its router kinds: sigmoid_group_topk")
+        stretched = ModelSpec(attention=MHASpec(rope=RopeSpec(scaling=StretchScaling())))
+        assert _one_line_error(stretched) == (
+            "model.attention.rope.scaling.kind='stretch': glm4_moe has no such RoPE scaling; its scalings: none, "
+            "linear, dynamic_ntk, yarn")
+    # A scaling that names the format but has no mapping in the exporter is refused as well.
+    with registered(dataclasses.replace(STRETCH, hf_formats=("glm4_moe",))):
+        assert "writes no glm4_moe rope_parameters" in _one_line_error(stretched)

@@ -33,7 +33,7 @@ def check_split_version(recorded: int) -> None:
 # at a word start, found in two documents, joins them. Exact duplicates alone are not enough: pydoc's
 # `specialnames` topic quotes other topics whole, docstrings repeat boilerplate, LAMBADA holds
 # near-copies. With a split by distinct document, 31% of the builtin corpus' validation 100-character
-# windows (seed 0) were also in training text; with the grouping, none are (tests/test_data.py).
+# windows (seed 0) were also in training text; with the grouping, none are (tests/test_data_split.py).
 # Windows are read on whitespace-normalised text (runs of whitespace as one space): a docstring
 # re-wrapped at another width is the same passage (on raw text, 4-8 of 93 validation documents of the
 # builtin corpus, seeds 0-3, repeated a training passage with other line breaks). Case is kept: a

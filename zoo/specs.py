@@ -17,20 +17,20 @@ from zoo.kinds import kind_of, union
 from zoo.kinds.mha import MHASpec
 from zoo.kinds.mla import MLASpec
 from zoo.kinds.mlp import MLPSpec
-from zoo.kinds.moe import MoESpec, RouterSpec
+from zoo.kinds.moe import MoESpec
 from zoo.kinds.registry import Spec
-from zoo.kinds.rope_scaling import DynamicNTKScaling, LinearScaling, NoScaling, RopeScaling, RopeSpec, YarnScaling
+from zoo.kinds.rope_scaling import DynamicNTKScaling, LinearScaling, NoScaling, RopeSpec, YarnScaling
 from zoo.kinds.routers import SigmoidGroupTopKRouterSpec, SoftmaxTopKRouterSpec
 
 __all__ = [
-    "AttentionSpec", "DataSpec", "DeepSpeedSpec", "DynamicNTKScaling", "EvalSpec", "FFNSpec", "LayerOverride",
-    "LayerSpec", "LinearScaling", "MHASpec", "MLASpec", "MLPSpec", "ModelSpec", "MoESpec", "NoScaling",
-    "RopeScaling", "RopeSpec", "RouterSpec", "RunSpec", "SigmoidGroupTopKRouterSpec", "SoftmaxTopKRouterSpec",
-    "Spec", "TrainSpec", "YarnScaling",
+    "DataSpec", "DeepSpeedSpec", "DynamicNTKScaling", "EvalSpec", "LayerOverride", "LayerSpec", "LinearScaling",
+    "MHASpec", "MLASpec", "MLPSpec", "ModelSpec", "MoESpec", "NoScaling", "RopeSpec", "RunSpec",
+    "SigmoidGroupTopKRouterSpec", "SoftmaxTopKRouterSpec", "Spec", "TrainSpec", "YarnScaling",
 ]
 
-# The unions as registered when this module loads; `zoo.kinds.register` re-points the fields below at
-# every kind registered later.
+# The field annotations of the attention and FFN slots, as registered when this module loads; not
+# exported: `zoo.kinds.register` re-points the fields below at every kind registered later, while these
+# names keep the old union. `zoo.kinds.union(slot)` is the live one.
 AttentionSpec = union("attention")
 FFNSpec = union("ffn")
 

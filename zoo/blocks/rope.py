@@ -1,4 +1,5 @@
-"""Rotary position embeddings (Su et al., 2021) with linear, dynamic-NTK and YaRN scaling.
+"""Rotary position embeddings (Su et al., 2021) with linear, dynamic-NTK and YaRN scaling, or a
+scaling's own frequency rule.
 
 Legend: T = positions, R = rotary dims (even), R/2 = frequencies.
 
@@ -9,12 +10,13 @@ layout, as transformers does, which leaves q.k unchanged because q and k are per
 """
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import nn
 
-Scaling = Literal["none", "linear", "dynamic_ntk", "yarn"]
+SCALINGS = ("none", "linear", "dynamic_ntk", "yarn")  # the rules defined here
 Layout = Literal["half", "interleaved"]
 
 
@@ -54,6 +56,10 @@ class RotaryEmbedding(nn.Module):
 
     `attention_factor` multiplies cos and sin (YaRN's temperature); `softmax_scale_factor` is the
     extra factor attention applies to its 1/sqrt(d) scale (DeepSeek's YaRN correction).
+
+    `scaling` names a rule defined here. Any other scaling brings its own: `frequencies(dim, theta)`
+    gives its R/2 frequencies, and `attention_factor` / `softmax_scale_factor` its factors (1 by
+    default); the named rules compute their factors themselves.
     """
 
     def __init__(
@@ -61,7 +67,7 @@ class RotaryEmbedding(nn.Module):
         *,
         dim: int,
         theta: float = 10000.0,
-        scaling: Scaling = "none",
+        scaling: str = "none",
         factor: float = 1.0,
         original_max_seq_len: int | None = None,
         beta_fast: float = 32.0,
@@ -69,6 +75,9 @@ class RotaryEmbedding(nn.Module):
         mscale: float = 1.0,
         mscale_all_dim: float = 0.0,
         truncate: bool = True,
+        frequencies: Callable[[int, float], torch.Tensor] | None = None,
+        attention_factor: float = 1.0,
+        softmax_scale_factor: float = 1.0,
     ):
         super().__init__()
         if dim % 2:
@@ -81,13 +90,23 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE scaling {scaling!r} needs original_max_seq_len")
         self.dim, self.theta, self.scaling, self.factor = dim, theta, scaling, factor
         self.original_max_seq_len = original_max_seq_len
-        self.attention_factor = 1.0
-        self.softmax_scale_factor = 1.0
-        if scaling in ("none", "linear", "dynamic_ntk"):
+        if (frequencies is None) != (scaling in SCALINGS):
+            raise ValueError(f"RoPE scaling {scaling!r}: pass frequencies= for a scaling other than "
+                             f"{', '.join(SCALINGS)}, and only for one (those have their rules here)")
+        if frequencies is None and (attention_factor, softmax_scale_factor) != (1.0, 1.0):
+            raise ValueError(f"RoPE scaling {scaling!r} computes its own attention and softmax factors")
+        self.attention_factor = attention_factor
+        self.softmax_scale_factor = softmax_scale_factor
+        if frequencies is not None:
+            inv_freq = frequencies(dim, theta).float()
+            if inv_freq.shape != (dim // 2,):
+                raise ValueError(f"RoPE scaling {scaling!r}: frequencies({dim}, {theta}) has shape "
+                                 f"{tuple(inv_freq.shape)}, expected ({dim // 2},)")
+        elif scaling in ("none", "linear", "dynamic_ntk"):
             inv_freq = _base_inv_freq(dim, theta)
             if scaling == "linear":
                 inv_freq = inv_freq / factor
-        elif scaling == "yarn":
+        else:  # yarn
             inv_freq = _yarn_inv_freq(dim, theta, factor, original_max_seq_len, beta_fast, beta_slow, truncate)
             if mscale and mscale_all_dim:
                 self.attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
@@ -95,8 +114,6 @@ class RotaryEmbedding(nn.Module):
                 self.attention_factor = yarn_mscale(factor)
             if mscale_all_dim:
                 self.softmax_scale_factor = yarn_mscale(factor, mscale_all_dim) ** 2
-        else:
-            raise ValueError(f"unknown RoPE scaling {scaling!r}; expected none, linear, dynamic_ntk or yarn")
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):

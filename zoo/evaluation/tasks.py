@@ -10,7 +10,7 @@ hellaswag_val.jsonl and lambada_openai_test.jsonl are the original releases the 
 `hellaswag_accuracy` is the in-memory path for training: it reads the first `limit` records itself,
 builds the same requests as lm-eval's task (lm-eval's `preprocess`, query + " " + ending), scores
 them with `ZooLM.loglikelihood` (the code `zoo eval` runs) and computes acc / acc_norm as lm-eval's
-multiple-choice `process_results` does. tests/test_evaluation.py checks both against lm-eval.
+multiple-choice `process_results` does. tests/test_evaluation_lm_eval.py checks both against lm-eval.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from zoo.blocks.rope import yarn_mscale
-from zoo.kinds import Spec, kind_of
+from zoo.kinds import Spec, kind_of, kinds
 from zoo.overrides import SpecError
 from zoo.specs import (
     DynamicNTKScaling,
@@ -244,9 +244,8 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
     """The config.json fields (model_type included) of the HF format that expresses `spec`; an error
     naming the spec field where neither can."""
     spec = spec.model if isinstance(spec, RunSpec) else spec
-    attention, n_dense, dense, moe = _uniform_layout(spec)
+    model_type, attention, n_dense, dense, moe = _uniform_layout(spec)
     where = "model.attention"
-    model_type = hf_format(attention)
     if model_type == MLA_FORMAT:
         fields = dict(
             num_attention_heads=attention.n_heads,
@@ -258,10 +257,10 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
             v_head_dim=attention.v_head_dim,
             rope_interleave=attention.rope_layout == "interleaved",
             attention_bias=attention.attention_bias,
-            rope_parameters=_rope_to_hf(attention.rope, spec, where=f"{where}.rope", mla=True),
+            rope_parameters=_rope_to_hf(attention.rope, spec, where=f"{where}.rope", model_type=model_type),
         )
     else:
-        rope = _rope_to_hf(attention.rope, spec, where=f"{where}.rope", mla=False)
+        rope = _rope_to_hf(attention.rope, spec, where=f"{where}.rope", model_type=model_type)
         rope["partial_rotary_factor"] = attention.rotary_fraction  # always written: glm4_moe defaults to 0.5
         fields = dict(
             num_attention_heads=attention.n_heads,
@@ -274,8 +273,8 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
     if moe is not None:
         router = moe.router
         if model_type not in kind_of(router).hf_formats:
-            raise SpecError(f"model.ffn.router.kind={router.kind!r}: {model_type} routes with sigmoid scores and a "
-                            "correction bias (sigmoid_group_topk); a softmax top-k router cannot be expressed")
+            raise SpecError(f"model.ffn.router.kind={router.kind!r}: {model_type} has no such router; "
+                            f"its router kinds: {_kinds_in('router', model_type)}")
         if router.n_groups > 1 and moe.n_experts // router.n_groups < 2:
             raise SpecError(f"model.ffn.router.n_groups={router.n_groups}: {model_type} scores a group by its top-2 "
                             f"experts, so groups need >= 2 of the {moe.n_experts} experts")
@@ -319,9 +318,14 @@ def hf_format(attention: Spec) -> str:
     return formats[0]
 
 
-def _uniform_layout(spec: ModelSpec) -> tuple[MHASpec | MLASpec, int, MLPSpec | None, MoESpec | None]:
-    """(attention, number of leading dense layers, their MLP, the MoE of the rest): the only layouts the
-    HF formats have. Overrides are fine as long as the resolved layers still fit it."""
+def _kinds_in(slot: str, model_type: str) -> str:
+    """The `slot` kinds that `model_type` can express, for an error message."""
+    return ", ".join(k.name for k in kinds(slot) if model_type in k.hf_formats) or "none"
+
+
+def _uniform_layout(spec: ModelSpec) -> tuple[str, MHASpec | MLASpec, int, MLPSpec | None, MoESpec | None]:
+    """(HF model_type, attention, number of leading dense layers, their MLP, the MoE of the rest): the only
+    layouts the HF formats have. Overrides are fine as long as the resolved layers still fit it."""
     layers = spec.layer_specs()
     cause = "model.overrides" if spec.overrides else "model.first_k_dense / model.dense_ffn / model.ffn"
     attention = layers[0].attention
@@ -329,7 +333,15 @@ def _uniform_layout(spec: ModelSpec) -> tuple[MHASpec | MLASpec, int, MLPSpec | 
         if layer.attention != attention:
             raise SpecError(f"model.overrides: layer {index} has a different attention from layer 0; "
                             "deepseek_v3 and glm4_moe use one attention for every layer")
-    n_dense = next((i for i, layer in enumerate(layers) if not isinstance(layer.ffn, MLPSpec)), len(layers))
+    model_type = hf_format(attention)
+    for index, layer in enumerate(layers):
+        ffn = layer.ffn
+        if model_type not in kind_of(ffn).hf_formats:
+            field = ("model.ffn" if ffn == spec.ffn else "model.dense_ffn" if ffn == spec.dense_ffn
+                     else f"model.overrides: layer {index}'s ffn")
+            raise SpecError(f"{field}.kind={ffn.kind!r}: {model_type} has no such FFN; "
+                            f"its FFN kinds: {_kinds_in('ffn', model_type)}")
+    n_dense = next((i for i, layer in enumerate(layers) if isinstance(layer.ffn, MoESpec)), len(layers))
     dense = layers[0].ffn if n_dense else None
     moe = layers[n_dense].ffn if n_dense < len(layers) else None
     for index, layer in enumerate(layers):
@@ -339,11 +351,14 @@ def _uniform_layout(spec: ModelSpec) -> tuple[MHASpec | MLASpec, int, MLPSpec | 
                 f"{cause}: layer {index}'s FFN breaks the layout deepseek_v3/glm4_moe can express: the first "
                 "first_k_dense_replace layers one dense MLP, every later layer one MoE"
             )
-    return attention, n_dense, dense, moe
+    return model_type, attention, n_dense, dense, moe
 
 
-def _rope_to_hf(rope: RopeSpec, spec: ModelSpec, *, where: str, mla: bool) -> dict[str, Any]:
-    scaling = rope.scaling
+def _rope_to_hf(rope: RopeSpec, spec: ModelSpec, *, where: str, model_type: str) -> dict[str, Any]:
+    scaling, mla = rope.scaling, model_type == MLA_FORMAT
+    if model_type not in kind_of(scaling).hf_formats:
+        raise SpecError(f"{where}.scaling.kind={scaling.kind!r}: {model_type} has no such RoPE scaling; "
+                        f"its scalings: {_kinds_in('rope_scaling', model_type)}")
     params: dict[str, Any] = {"rope_theta": rope.theta}
     if isinstance(scaling, NoScaling):
         params["rope_type"] = "default"
@@ -356,7 +371,7 @@ def _rope_to_hf(rope: RopeSpec, spec: ModelSpec, *, where: str, mla: bool) -> di
                 f"max_position_embeddings (model.max_seq_len={spec.max_seq_len}) as the original length; make them equal"
             )
         params.update(rope_type="dynamic", factor=scaling.factor)
-    else:
+    elif isinstance(scaling, YarnScaling):
         params.update(
             rope_type="yarn", factor=scaling.factor, original_max_position_embeddings=scaling.original_max_seq_len,
             beta_fast=scaling.beta_fast, beta_slow=scaling.beta_slow, truncate=scaling.truncate,
@@ -370,4 +385,7 @@ def _rope_to_hf(rope: RopeSpec, spec: ModelSpec, *, where: str, mla: bool) -> di
             params["mscale_all_dim"] = scaling.mscale_all_dim
             if scaling.mscale:  # unset in HF means what mscale=0 means in the zoo
                 params["mscale"] = scaling.mscale
+    else:  # a kind that lists the format in hf_formats but has no mapping here
+        raise SpecError(f"{where}.scaling.kind={scaling.kind!r}: zoo/interop/hf_config.py writes no {model_type} "
+                        "rope_parameters for it")
     return params

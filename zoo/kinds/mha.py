@@ -95,5 +95,5 @@ def describe(attn: MultiHeadAttention, seq_len: int) -> Count:
                  kv_cache_bytes_mha_equivalent=2 * attn.n_heads * attn.head_dim * CACHE_BYTES)
 
 
-KIND = register(Kind("attention", MHASpec, build=build, shrink=shrink, describe=describe, check=check,
-                     hf_formats=("glm4_moe",)))
+register(Kind("attention", MHASpec, build=build, shrink=shrink, describe=describe, check=check,
+              hf_formats=("glm4_moe",)))

@@ -86,5 +86,5 @@ def describe(attn: MultiHeadLatentAttention, seq_len: int) -> Count:
                  kv_cache_bytes_mha_equivalent=attn.n_heads * (attn.qk_dim + attn.v_dim) * CACHE_BYTES)
 
 
-KIND = register(Kind("attention", MLASpec, build=build, shrink=shrink, describe=describe, check=check,
-                     hf_formats=("deepseek_v3",)))
+register(Kind("attention", MLASpec, build=build, shrink=shrink, describe=describe, check=check,
+              hf_formats=("deepseek_v3",)))

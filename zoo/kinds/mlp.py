@@ -33,5 +33,5 @@ def describe(ffn: SwiGLU, seq_len: int) -> Count:
     return Count("mlp", params, params, 2 * matrix_numel(ffn))
 
 
-KIND = register(Kind("ffn", MLPSpec, build=build, shrink=shrink, describe=describe,
-                     hf_formats=("deepseek_v3", "glm4_moe")))
+register(Kind("ffn", MLPSpec, build=build, shrink=shrink, describe=describe,
+              hf_formats=("deepseek_v3", "glm4_moe")))

@@ -15,6 +15,7 @@ from zoo.kinds.routers import SoftmaxTopKRouterSpec
 TOY_EXPERT_HIDDEN = 32  # zoo.presets.tiny
 TOY_EXPERTS_PER_GROUP = 2  # so group-limited routing still chooses within each group
 
+# A field annotation, re-pointed by every later registration; zoo.kinds.union("router") is the live union.
 RouterSpec = union("router")
 
 
@@ -37,7 +38,8 @@ class MoESpec(Spec):
                 f"lower top_k or raise n_experts"
             )
         router = self.router
-        if self.top_k == 1 and router.norm_topk_prob:
+        # A router kind without the field does not normalise.
+        if self.top_k == 1 and getattr(router, "norm_topk_prob", False):
             # One weight normalised by itself is 1 (times routed_scaling_factor): a constant, so the LM
             # loss sends the router no gradient.
             raise ValueError(
@@ -85,5 +87,5 @@ def describe(ffn: MoE, seq_len: int) -> Count:
                  2 * (matrix_numel(ffn) - experts + active_experts))
 
 
-KIND = register(Kind("ffn", MoESpec, build=build, shrink=shrink, describe=describe,
-                     hf_formats=("deepseek_v3", "glm4_moe")))
+register(Kind("ffn", MoESpec, build=build, shrink=shrink, describe=describe,
+              hf_formats=("deepseek_v3", "glm4_moe")))

@@ -66,8 +66,10 @@ class Count:
 class Kind:
     """One kind of one slot.
 
-    build: (spec, **dims its parent owns) -> fdl.Config; for a RoPE scaling, RotaryEmbedding's keyword
-        arguments. shrink: (the spec's plain data, a Size) -> None, editing the data in place.
+    build: (spec, **dims its parent owns) -> fdl.Config; for a RoPE scaling (a `ScalingSpec`),
+        RotaryEmbedding's keyword arguments: a scaling zoo/blocks/rope.py has no rule for passes its own
+        `frequencies` function and factors.
+    shrink: (the spec's plain data, a Size) -> None, editing the data in place.
     describe: (built module, seq_len) -> Count; attention and FFN kinds must have one.
     check: validation against the dimensions the parent owns (attention: d_model=, where=; router:
         n_experts=, top_k=); raises ValueError naming the field and the fix.
@@ -95,6 +97,10 @@ class _SlotTag:
 
 
 _KINDS: dict[tuple[str, str], Kind] = {}
+# Each (slot, name)'s place in its union, from its first registration and kept through unregister: a
+# kind registered again (a test swapping a built-in) goes back where it was, so the unions and the
+# JSON schema do not depend on what ran before.
+_ORDER: dict[tuple[str, str], int] = {}
 
 
 def register(kind: Kind) -> Kind:
@@ -107,6 +113,7 @@ def register(kind: Kind) -> Kind:
     if kind.slot in ("attention", "ffn") and kind.describe is None:
         raise ValueError(f"{kind.slot} kind {kind.name!r} needs a describe rule (zoo describe counts every layer)")
     _KINDS[(kind.slot, kind.name)] = kind
+    _ORDER.setdefault((kind.slot, kind.name), len(_ORDER))
     try:
         _rebuild(kind.slot)
     except Exception:
@@ -131,7 +138,7 @@ def registered(kind: Kind) -> Iterator[Kind]:
 
 
 def kinds(slot: str) -> list[Kind]:
-    return [k for (s, _), k in _KINDS.items() if s == slot]
+    return [_KINDS[key] for key in sorted(_KINDS, key=_ORDER.__getitem__) if key[0] == slot]
 
 
 def kind_of(spec: Spec) -> Kind:

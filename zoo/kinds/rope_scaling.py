@@ -79,6 +79,7 @@ for _spec, _shrink in ((NoScaling, None), (LinearScaling, None), (DynamicNTKScal
                        (YarnScaling, _shrink_context)):
     register(Kind("rope_scaling", _spec, build=_rotary_kwargs, shrink=_shrink, hf_formats=BOTH_HF_FORMATS))
 
+# A field annotation, re-pointed by every later registration; zoo.kinds.union("rope_scaling") is the live union.
 RopeScaling = union("rope_scaling")
 
 

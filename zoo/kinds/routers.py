@@ -84,6 +84,6 @@ def check_groups(spec: SigmoidGroupTopKRouterSpec, *, n_experts: int, top_k: int
 
 
 # The MoE's shrink rule keeps group-limited routing valid (zoo/kinds/moe.py); routers have no size of their own.
-SOFTMAX_TOPK = register(Kind("router", SoftmaxTopKRouterSpec, build=build_softmax_topk))
-SIGMOID_GROUP_TOPK = register(Kind("router", SigmoidGroupTopKRouterSpec, build=build_sigmoid_group_topk,
-                                   check=check_groups, hf_formats=("deepseek_v3", "glm4_moe")))
+register(Kind("router", SoftmaxTopKRouterSpec, build=build_softmax_topk))
+register(Kind("router", SigmoidGroupTopKRouterSpec, build=build_sigmoid_group_topk,
+              check=check_groups, hf_formats=("deepseek_v3", "glm4_moe")))
