@@ -25,6 +25,7 @@ def test_fp16_giving_up_on_the_loss_scale_is_a_one_line_stop():
         trainer._step(Engine(), 7)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step(cache_dir, tmp_path):
     # Weights drawn at std 1e38 overflow fp32, so the very first forward pass is NaN.
     proc = train(cache_dir, tmp_path / "run", "--set", "model.init_std=1e38", "--set", "train.precision=fp32",
