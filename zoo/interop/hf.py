@@ -8,7 +8,8 @@ layers dense, then sigmoid-routed MoE layers with shared experts) with different
 `deepseek_v3`, GQA with partial rotary, q/k/v bias and qk-norm for `glm4_moe`. Export picks the
 format from the spec's attention kind. Parity means the forward pass: transformers' logits and loss.
 
-Split in three: `hf_config` maps config.json to and from a ModelSpec, `hf_weights` maps tensor names
+Split by topic: `families/` holds one module per format (its config.json fields and weight names),
+`hf_config` reads config.json and picks the format a spec is written as, `hf_weights` maps tensor names
 and layouts (the name map is in its docstring), and this module puts them together.
 
 Not carried over, by design: training-only fields (the routing-bias update rate and the sequence-wise

@@ -1,4 +1,4 @@
-"""Zoo state_dicts <-> Hugging Face safetensors for `deepseek_v3` and `glm4_moe`.
+"""Zoo state_dicts <-> Hugging Face safetensors, for every format in `zoo.interop.families`.
 
 Legend: E = routed experts, F = expert hidden size, D = d_model.
 
@@ -25,15 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from zoo.blocks.model import DecoderLM
-from zoo.interop.hf_config import MHA_FORMAT, MLA_FORMAT
+from zoo.interop.families import FAMILIES
 from zoo.overrides import SpecError
 from zoo.specs import ModelSpec, MoESpec
 
-# zoo attention submodule -> HF name, where they differ.
-_ATTENTION_NAMES = {
-    MLA_FORMAT: {"q_a_norm": "q_a_layernorm", "kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm"},
-    MHA_FORMAT: {},
-}
 _EXPERTS = re.compile(r"layers\.(\d+)\.ffn\.experts\.(gate_up_proj|down_proj)")
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -89,7 +84,7 @@ def hf_name(name: str, model_type: str) -> str:
     )
     match = re.fullmatch(r"layers\.(\d+)\.attention\.(\w+)\.(.+)", name)
     if match:
-        module = _ATTENTION_NAMES[model_type].get(match[2], match[2])
+        module = FAMILIES[model_type].attention_names.get(match[2], match[2])
         return f"model.layers.{match[1]}.self_attn.{module}.{match[3]}"
     for pattern, replacement in rules:
         if re.fullmatch(pattern, name):
@@ -176,7 +171,8 @@ def hf_tensors(
                 out[f"{prefix}.{e}.up_proj.weight"] = up_FD.clone()
     # transformers builds a zero-width shared expert when n_shared_experts = 0; give it its empty weights
     for index, layer in enumerate(spec.layer_specs()):
-        if isinstance(layer.ffn, MoESpec) and layer.ffn.n_shared_experts == 0:
+        if (FAMILIES[model_type].empty_shared_experts and isinstance(layer.ffn, MoESpec)
+                and layer.ffn.n_shared_experts == 0):
             prefix = f"model.layers.{index}.mlp.shared_experts"
             dtype = model.embed.weight.dtype
             out[f"{prefix}.gate_proj.weight"] = torch.empty(0, spec.d_model, dtype=dtype)
