@@ -27,7 +27,10 @@ ATTENTION_KINDS = {
     "mha": MHASpec(n_heads=4),
     "gqa": MHASpec(n_heads=4, n_kv_heads=2),
     "mqa": MHASpec(n_heads=4, n_kv_heads=1),
-    "gqa_glm4": MHASpec(n_heads=4, n_kv_heads=2, qk_norm=True, qkv_bias=True, rotary_fraction=0.5),
+    "gqa_glm4": MHASpec(n_heads=4, n_kv_heads=2, qk_norm="head", qkv_bias=True, rotary_fraction=0.5),
+    "gqa_projection_qk_norm_biases": MHASpec(n_heads=4, n_kv_heads=2, qk_norm="projection", qkv_bias=True,
+                                             o_bias=True),  # as in olmoe
+    "gqa_head_qk_norm_sliding_window": MHASpec(n_heads=4, n_kv_heads=2, qk_norm="head", sliding_window=5),
     "mha_linear_rope": MHASpec(n_heads=4, rope=RopeSpec(scaling=LinearScaling(factor=2.0))),
     "mha_dynamic_ntk": MHASpec(n_heads=4, rope=RopeSpec(scaling=DynamicNTKScaling(factor=2.0, original_max_seq_len=16))),
     "mha_yarn": MHASpec(n_heads=4, rope=YARN),
@@ -257,3 +260,27 @@ def test_matmul_attention_is_causal(query_block, monkeypatch):
     y2 = causal_attention(q, k2, v2, scale=0.35)
     assert torch.equal(y[:, :, :4], y2[:, :, :4])
     assert not torch.equal(y[:, :, 4:], y2[:, :, 4:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["sdpa", "cpu-bf16-matmul"])
+@pytest.mark.parametrize("n_past,n_new", [(0, 9), (5, 4), (8, 1)])
+def test_sliding_window_attention_equals_a_banded_reference(dtype, n_past, n_new, monkeypatch):
+    """The query at position p sees keys p - W + 1 .. p (transformers' sliding_window_overlay), on both
+    paths, in query blocks of 4 and after cached positions."""
+    import zoo.blocks.sdpa as sdpa_mod
+    from zoo.blocks.sdpa import causal_attention
+
+    monkeypatch.setattr(sdpa_mod, "QUERY_BLOCK", 4)
+    W, B, H, G, Dk = 3, 2, 4, 2, 8
+    S = n_past + n_new
+    q, k, v = torch.randn(B, H, n_new, Dk), torch.randn(B, G, S, Dk), torch.randn(B, G, S, Dk)
+    position_T, key_S = torch.arange(n_past, S)[:, None], torch.arange(S)
+    visible_TS = (key_S <= position_T) & (key_S > position_T - W)
+    k_H, v_H = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    reference = (q @ k_H.transpose(-2, -1) * 0.4).masked_fill(~visible_TS, float("-inf")).softmax(-1) @ v_H
+    cast = [t.to(dtype) for t in (q, k, v)]
+    y = causal_attention(*cast, scale=0.4, n_past=n_past, window=W)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.float(), reference, atol=tol, rtol=tol)
+    # Every case has a key out of the window: without it, the output moves.
+    assert (causal_attention(*cast, scale=0.4, n_past=n_past).float() - reference).abs().max() > 0.1

@@ -49,8 +49,11 @@ ATTENTION_KINDS = {
     "mha": MHASpec(n_heads=4),
     "gqa": MHASpec(n_heads=4, n_kv_heads=2),
     "mqa": MHASpec(n_heads=4, n_kv_heads=1),
-    "gqa_partial_rotary_qk_norm_bias": MHASpec(n_heads=4, n_kv_heads=2, qk_norm=True, qkv_bias=True,
+    "gqa_partial_rotary_qk_norm_bias": MHASpec(n_heads=4, n_kv_heads=2, qk_norm="head", qkv_bias=True,
                                                rotary_fraction=0.5),
+    "gqa_projection_qk_norm_biases": MHASpec(n_heads=4, n_kv_heads=2, qk_norm="projection", qkv_bias=True,
+                                             o_bias=True),  # as in olmoe
+    "gqa_head_qk_norm_sliding_window": MHASpec(n_heads=4, n_kv_heads=2, qk_norm="head", sliding_window=5),
     "mha_linear_rope": MHASpec(n_heads=4, rope=RopeSpec(scaling=LinearScaling(factor=2.0))),
     "mha_yarn": MHASpec(n_heads=4, rope=YARN),
     "mla": MLASpec(n_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),

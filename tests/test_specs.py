@@ -29,8 +29,6 @@ BAD_SPECS = [
     ({"model.ffn.router.topk_groups": 2}, ["topk_groups (2)", "n_groups (1)"]),
     ({"model.ffn.router": {"kind": "sigmoid_group_topk", "n_groups": 4, "topk_groups": 1}, "model.ffn.top_k": 3},
      ["top_k (3)", "topk_groups"]),
-    ({"model.ffn.top_k": 1}, ["model.ffn", "top_k (1)", "router.norm_topk_prob (True)", "norm_topk_prob=false",
-                              "top_k >= 2"]),
     ({"model.attention.qk_rope_head_dim": 7}, ["qk_rope_head_dim (7)", "even"]),
     ({"model.first_k_dense": 9}, ["first_k_dense (9)", "n_layers (6)"]),
     ({"model.dense_ffn": None}, ["dense_ffn", "first_k_dense"]),
@@ -70,13 +68,18 @@ def test_mha_head_checks():
         validate(ModelSpec, {"d_model": 64, "attention": {"kind": "mha", "n_heads": 4, "rotary_fraction": 0.3}})
 
 
-def test_top1_with_normalised_weights_is_refused_for_both_routers():
-    """top_k=1 normalises one weight by itself: the router would get no gradient from the LM loss."""
+def test_top1_with_normalised_weights_is_a_training_warning_for_both_routers():
+    """top_k=1 normalises one weight by itself: the router would get no gradient from the LM loss. Released
+    models do it, so the spec is valid (import, evaluation and generation work) and the trainer warns."""
     for router in ({"kind": "softmax_topk", "norm_topk_prob": True}, {"kind": "sigmoid_group_topk"}):
-        with pytest.raises(SpecError, match=r"top_k \(1\) with router.norm_topk_prob \(True\)"):
-            validate(MoESpec, {"top_k": 1, "router": router})
-        validate(MoESpec, {"top_k": 1, "router": {**router, "norm_topk_prob": False}})
-        validate(MoESpec, {"top_k": 2, "router": router})
+        top1 = validate(MoESpec, {"top_k": 1, "router": router})
+        assert "top_k (1) with router.norm_topk_prob (True)" in top1.training_warning()
+        assert validate(MoESpec, {"top_k": 1, "router": {**router, "norm_topk_prob": False}}).training_warning() is None
+        assert validate(MoESpec, {"top_k": 2, "router": router}).training_warning() is None
+    spec = with_changes(presets.get("deepseek_glm4"), {"model.ffn.top_k": 1})
+    [warning] = spec.model.training_warnings()
+    assert warning.startswith("model layers [1, 2, 3, 4, 5]: top_k (1)") and "norm_topk_prob=false" in warning
+    assert presets.get("deepseek_glm4").model.training_warnings() == []
 
 
 def test_rope_theta_and_dynamic_ntk_rotary_dims():
@@ -242,3 +245,15 @@ def test_a_spec_saved_with_val_batches_reads_as_val_blocks():
             RunSpec.model_validate(saved | {"eval": {"val_batches": odd}})
     with pytest.raises(ValueError, match=r"eval\.val_batches"):
         RunSpec.model_validate(saved | {"eval": {"val_batches": 5, "val_blocks": 7}})
+
+
+def test_qk_norm_reads_true_and_false_as_per_head_and_none():
+    """spec.json files and --set may say qk_norm true/false: the per-head norm, or none."""
+    glm4 = presets.get("glm4")
+    saved = glm4.model_dump(mode="json")
+    saved["model"]["attention"]["qk_norm"] = True
+    assert RunSpec.model_validate(saved) == glm4
+    assert apply_sets(glm4, ["model.attention.qk_norm=false"]).model.attention.qk_norm is None
+    assert apply_sets(glm4, ["model.attention.qk_norm=projection"]).model.attention.qk_norm == "projection"
+    with pytest.raises(SpecError, match="model.attention.qk_norm"):
+        apply_sets(glm4, ["model.attention.qk_norm=layer"])

@@ -147,3 +147,16 @@ def test_layouts_deepspeed_cannot_train_are_refused_before_it_starts(changes, wo
     with pytest.raises(TrainingError, match=re.escape(words)):
         plan.check_layout(spec, world_size)
     plan.check_layout(with_changes(presets.get("dense", tiny=True), {"deepspeed.zero_stage": 3}), 1)
+
+
+def test_a_top1_renormalised_moe_trains_with_a_one_line_warning(tmp_path, capsys):
+    """Valid (an imported model may route so) but the router gets no gradient: the plan says so and goes on."""
+    import torch
+
+    from training.distributed import Dist
+
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"model.ffn.top_k": 1})
+    settled = plan._settle(spec, tmp_path, Dist(0, 0, 1, torch.device("cpu")), resume=False)
+    assert settled.model == spec.model
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "top_k (1)" in line]
+    assert line.startswith("training: warning: model layers [1, 2]: top_k (1) with router.norm_topk_prob (True)")

@@ -129,6 +129,8 @@ def _settle(spec: RunSpec, out: Path, ranks: Dist, *, resume: bool) -> RunSpec:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         spec = resolve_precision(spec, ranks.device)  # auto -> bf16 or fp32 for this device; spec.json records it
+        for concern in spec.model.training_warnings():  # legal specs (imported models) that train poorly
+            warnings.warn(concern)
     if ranks.rank == 0:
         for warning in caught:  # one line, without the source line `warnings` would print
             print(f"training: warning: {warning.message}", file=sys.stderr)

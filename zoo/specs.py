@@ -110,6 +110,15 @@ class ModelSpec(Spec):
                     check(spec, d_model=self.d_model, where=f"layer {index} {slot}")
         return self
 
+    def training_warnings(self) -> list[str]:
+        """One line per distinct concern of the MoE layers that train poorly (MoESpec.training_warning)."""
+        layers: dict[str, list[int]] = {}
+        for index, layer in enumerate(self.layer_specs()):
+            concern = layer.ffn.training_warning() if isinstance(layer.ffn, MoESpec) else None
+            if concern:
+                layers.setdefault(concern, []).append(index)
+        return [f"model layers {indices}: {concern}" for concern, indices in layers.items()]
+
     def layer_specs(self) -> list[LayerSpec]:
         """The resolved attention and FFN of every layer."""
         layers = []

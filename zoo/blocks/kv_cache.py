@@ -71,11 +71,15 @@ class KVCache:
         return sum(layer.nbytes_per_position() for layer in self.layers)
 
 
-def causal_sdpa_mask(n_new: int, n_past: int, device: torch.device) -> dict:
+def causal_sdpa_mask(n_new: int, n_past: int, device: torch.device, window: int | None = None) -> dict:
     """Keyword arguments for `F.scaled_dot_product_attention` when `n_new` queries follow `n_past`
     cached positions. SDPA's `is_causal=True` aligns its triangle to the top-left corner, which is
     right only without a past; a single new query sees every key; otherwise new query i (absolute
-    position n_past + i) sees keys 0 .. n_past + i."""
+    position n_past + i) sees keys 0 .. n_past + i. With a sliding `window`, it sees only the last
+    `window` of those (itself included), keys n_past + i - window + 1 .. n_past + i."""
+    if window is not None and n_past + n_new > window:
+        keep_TS = torch.ones(n_new, n_past + n_new, dtype=torch.bool, device=device)
+        return {"attn_mask": keep_TS.tril(diagonal=n_past).triu(diagonal=n_past - window + 1)}
     if n_past == 0:
         return {"is_causal": True}
     if n_new == 1:

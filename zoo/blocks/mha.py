@@ -3,10 +3,14 @@
 Legend: B = batch, T = sequence, D = d_model, H = query heads, G = key/value heads,
 Dh = head dim, R = rotary dims (a prefix of each head, R = Dh * rotary fraction).
 
-Options cover GLM-4.5's attention: q/k/v bias, per-head RMSNorm on q and k before RoPE, and partial
-rotary (RoPE on the first R dims of each head, the rest position-free).
+Options cover the attentions of GLM-4.5, Qwen3-MoE, OLMoE and Mixtral: q/k/v bias and an output bias;
+RMSNorm on q and k before RoPE, per head (`qk_norm="head"`: GLM-4.5, Qwen3) or over the whole
+projection, all heads at once (`qk_norm="projection"`: OLMoE); partial rotary (RoPE on the first R
+dims of each head, the rest position-free); a sliding window (each query sees the last
+`sliding_window` keys up to itself: Mistral, Mixtral).
 
-With a `LayerCache`, keys (rotated) and values of G heads are cached: 2 * G * Dh numbers per token.
+With a `LayerCache`, keys (rotated) and values of G heads are cached: 2 * G * Dh numbers per token
+(every position, also with a sliding window: the mask hides the old ones).
 """
 
 import torch
@@ -27,8 +31,10 @@ class MultiHeadAttention(nn.Module):
         n_kv_heads: int,
         head_dim: int,
         rope: RotaryEmbedding,
-        qk_norm: bool = False,
+        qk_norm: str | None = None,
         qkv_bias: bool = False,
+        o_bias: bool = False,
+        sliding_window: int | None = None,
         norm_eps: float = 1e-6,
     ):
         super().__init__()
@@ -36,14 +42,18 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
         if rope.dim > head_dim:
             raise ValueError(f"rotary dim ({rope.dim}) exceeds head_dim ({head_dim})")
+        if qk_norm not in (None, "head", "projection"):
+            raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.qk_norm, self.sliding_window = qk_norm, sliding_window
         self.rope = rope
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=o_bias)
+        per_head = qk_norm == "head"
+        self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, eps=norm_eps) if qk_norm else None
         self.softmax_scale = head_dim**-0.5 * rope.softmax_scale_factor
 
     def forward(
@@ -56,16 +66,20 @@ class MultiHeadAttention(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=x.device)
         check_positions(positions, T)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H * Dh), (B, T, G * Dh)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, Dh)
-        if self.q_norm is not None:
+        if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rope(positions)  # (T, R/2)
         q, k = _rotate_prefix(q, cos, sin), _rotate_prefix(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, G, S, Dh): the past and these T positions
-        y = causal_attention(q, k, v, scale=self.softmax_scale, n_past=past)  # (B, H, T, Dh)
+        y = causal_attention(q, k, v, scale=self.softmax_scale, n_past=past,
+                             window=self.sliding_window)  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

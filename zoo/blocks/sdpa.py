@@ -32,35 +32,39 @@ QUERY_BLOCK = 128  # the matmul path's queries per block
 
 
 def causal_attention(
-    q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, *, scale: float, n_past: int = 0
+    q_BHTD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, *, scale: float, n_past: int = 0,
+    window: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v for T new queries after `n_past` cached positions;
-    G may divide H (grouped-query attention). Returns (B, H, T, Dv)."""
+    G may divide H (grouped-query attention). With a sliding `window`, a query sees only the last
+    `window` keys up to itself (Mistral's sliding-window attention). Returns (B, H, T, Dv)."""
     B, H, T, _ = q_BHTD.shape
     G, S = k_BGSD.shape[1], k_BGSD.shape[2]
     if q_BHTD.device.type == "cpu" and compute_dtype(q_BHTD) == torch.bfloat16 and S <= MATMUL_PATH_MAX_KEYS:
-        return _matmul_attention(q_BHTD, k_BGSD, v_BGSD, scale=scale, n_past=n_past)
+        return _matmul_attention(q_BHTD, k_BGSD, v_BGSD, scale=scale, n_past=n_past, window=window)
     return F.scaled_dot_product_attention(
-        q_BHTD, k_BGSD, v_BGSD, scale=scale, enable_gqa=G != H, **causal_sdpa_mask(T, n_past, q_BHTD.device)
+        q_BHTD, k_BGSD, v_BGSD, scale=scale, enable_gqa=G != H,
+        **causal_sdpa_mask(T, n_past, q_BHTD.device, window=window),
     )
 
 
-def _matmul_attention(q_BHTD, k_BGSD, v_BGSD, *, scale: float, n_past: int) -> torch.Tensor:
+def _matmul_attention(q_BHTD, k_BGSD, v_BGSD, *, scale: float, n_past: int, window: int | None) -> torch.Tensor:
     """Queries in blocks of QUERY_BLOCK; each block scores only the keys up to its last query, so
     the causal mask's hidden upper triangle is mostly skipped (at T = S = 256, a quarter of the
     score and value matmuls and of the softmax)."""
     T = q_BHTD.shape[2]
     if T <= QUERY_BLOCK:
-        return _matmul_attention_block(q_BHTD, k_BGSD, v_BGSD, scale=scale, n_past=n_past)
+        return _matmul_attention_block(q_BHTD, k_BGSD, v_BGSD, scale=scale, n_past=n_past, window=window)
     outs = []
     for start, q_block in zip(range(0, T, QUERY_BLOCK), q_BHTD.split(QUERY_BLOCK, dim=2)):
         S = n_past + start + q_block.shape[2]  # keys up to this block's last query
         outs.append(_matmul_attention_block(q_block, k_BGSD[:, :, :S], v_BGSD[:, :, :S], scale=scale,
-                                            n_past=n_past + start))
+                                            n_past=n_past + start, window=window))
     return torch.cat(outs, dim=2)
 
 
-def _matmul_attention_block(q_BHTD, k_BGSD, v_BGSD, *, scale: float, n_past: int) -> torch.Tensor:
+def _matmul_attention_block(q_BHTD, k_BGSD, v_BGSD, *, scale: float, n_past: int,
+                            window: int | None) -> torch.Tensor:
     dtype = torch.bfloat16
     q_BHTD, k_BGSD, v_BGSD = q_BHTD.to(dtype), k_BGSD.to(dtype), v_BGSD.to(dtype)
     B, H, T, Dk = q_BHTD.shape
@@ -70,7 +74,10 @@ def _matmul_attention_block(q_BHTD, k_BGSD, v_BGSD, *, scale: float, n_past: int
     k_NSD = k_BGSD.expand(B, G, S, Dk).reshape(B * G, S, Dk)
     v_NSD = v_BGSD.expand(B, G, S, Dv).reshape(B * G, S, Dv)
     position_T = torch.arange(n_past, n_past + T, device=q_BHTD.device)
-    hidden_TS = torch.arange(S, device=q_BHTD.device) > position_T[:, None]  # key after the query
+    key_S = torch.arange(S, device=q_BHTD.device)
+    hidden_TS = key_S > position_T[:, None]  # key after the query
+    if window is not None:
+        hidden_TS |= key_S <= position_T[:, None] - window  # key out of the sliding window
     mask_MS = torch.zeros(T, S, dtype=q_BHTD.dtype, device=q_BHTD.device).masked_fill_(hidden_TS, float("-inf"))
     scores_NMS = torch.baddbmm(mask_MS.repeat(r, 1).expand(B * G, r * T, S), q_NMD, k_NSD.transpose(1, 2), alpha=scale)
     y_NMD = torch.bmm(scores_NMS.softmax(dim=-1), v_NSD)

@@ -6,7 +6,7 @@ import math
 from typing import Literal
 
 import fiddle as fdl
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from zoo.blocks.mha import MultiHeadAttention
 from zoo.kinds.registry import CACHE_BYTES, Count, Kind, Size, Spec, attention_flops, numel, register
@@ -20,10 +20,23 @@ class MHASpec(Spec):
     n_heads: int = Field(8, ge=1)
     n_kv_heads: int | None = Field(None, ge=1, description="None means n_heads (plain MHA)")
     head_dim: int | None = Field(None, ge=2, description="None means d_model // n_heads")
-    qk_norm: bool = False
+    qk_norm: Literal["head", "projection"] | None = Field(
+        None, description="RMSNorm on q and k before RoPE: per head (GLM-4.5, Qwen3), over the whole projection "
+                          "(OLMoE), or None")
     qkv_bias: bool = False
+    o_bias: bool = Field(False, description="a bias on the output projection")
     rotary_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    sliding_window: int | None = Field(
+        None, ge=1, description="each query sees only the last sliding_window keys up to itself; None: all of them")
     rope: RopeSpec = RopeSpec()
+
+    @field_validator("qk_norm", mode="before")
+    @classmethod
+    def _qk_norm_bool(cls, value):
+        # true/false as spec.json files and --set may give it: the per-head norm, or none.
+        if isinstance(value, bool):
+            return "head" if value else None
+        return value
 
     @model_validator(mode="after")
     def _heads(self) -> MHASpec:
@@ -54,6 +67,8 @@ def build(spec: MHASpec, *, d_model: int, norm_eps: float) -> fdl.Config:
         rope=rope_config(spec.rope, dim=spec.rotary_dim(d_model)),
         qk_norm=spec.qk_norm,
         qkv_bias=spec.qkv_bias,
+        o_bias=spec.o_bias,
+        sliding_window=spec.sliding_window,
         norm_eps=norm_eps,
     )
 
@@ -83,17 +98,19 @@ def shrink(node: dict, size: Size) -> None:
         node["n_kv_heads"] = size.kv_heads(heads, kv)
     if node["head_dim"] is not None:
         node["head_dim"] = size.d_model // size.n_heads
+    if node["sliding_window"] is not None:
+        node["sliding_window"] = size.context(node["sliding_window"])
 
 
 def describe(attn: MultiHeadAttention, seq_len: int) -> Count:
-    """K and V cached per kv head."""
+    """K and V cached per kv head (every position, with a sliding window too)."""
     label = "mha" if attn.n_kv_heads == attn.n_heads else ("mqa" if attn.n_kv_heads == 1 else "gqa")
     per_key = 2 * attn.n_heads * 2 * attn.head_dim
     params = numel(attn)
-    return Count(label, params, params, attention_flops(attn, per_key, seq_len),
+    return Count(label, params, params, attention_flops(attn, per_key, seq_len, window=attn.sliding_window),
                  kv_cache_bytes_per_token=2 * attn.n_kv_heads * attn.head_dim * CACHE_BYTES,
                  kv_cache_bytes_mha_equivalent=2 * attn.n_heads * attn.head_dim * CACHE_BYTES)
 
 
 register(Kind("attention", MHASpec, build=build, shrink=shrink, describe=describe, check=check,
-              hf_formats=("glm4_moe",)))
+              hf_formats=("glm4_moe", "qwen3_moe", "olmoe", "mixtral")))

@@ -34,4 +34,4 @@ def describe(ffn: SwiGLU, seq_len: int) -> Count:
 
 
 register(Kind("ffn", MLPSpec, build=build, shrink=shrink, describe=describe,
-              hf_formats=("deepseek_v3", "glm4_moe")))
+              hf_formats=("deepseek_v3", "glm4_moe", "qwen3_moe")))

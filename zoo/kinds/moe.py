@@ -38,19 +38,22 @@ class MoESpec(Spec):
                 f"lower top_k or raise n_experts"
             )
         router = self.router
-        # A router kind without the field does not normalise.
-        if self.top_k == 1 and getattr(router, "norm_topk_prob", False):
-            # One weight normalised by itself is 1 (times routed_scaling_factor): a constant, so the LM
-            # loss sends the router no gradient.
-            raise ValueError(
-                f"top_k (1) with router.norm_topk_prob (True) makes every combine weight a constant and "
-                "leaves the router without gradient from the LM loss; set router.norm_topk_prob=false "
-                "or top_k >= 2"
-            )
         check = kind_of(router).check
         if check is not None:
             check(router, n_experts=self.n_experts, top_k=self.top_k)
         return self
+
+    def training_warning(self) -> str | None:
+        """What makes this MoE a poor thing to train although it computes what it says (a released model
+        may do it): the trainer warns, import, evaluation and generation do not."""
+        # A router kind without the field does not normalise.
+        if self.top_k == 1 and getattr(self.router, "norm_topk_prob", False):
+            # One weight normalised by itself is 1 (times routed_scaling_factor): a constant, so the LM
+            # loss sends the router no gradient.
+            return ("top_k (1) with router.norm_topk_prob (True) makes every combine weight a constant and "
+                    "leaves the router without gradient from the LM loss; set router.norm_topk_prob=false "
+                    "or top_k >= 2")
+        return None
 
 
 def build(spec: MoESpec, *, d_model: int) -> fdl.Config:
@@ -88,4 +91,4 @@ def describe(ffn: MoE, seq_len: int) -> Count:
 
 
 register(Kind("ffn", MoESpec, build=build, shrink=shrink, describe=describe,
-              hf_formats=("deepseek_v3", "glm4_moe")))
+              hf_formats=("deepseek_v3", "glm4_moe", "qwen3_moe", "olmoe", "mixtral")))

@@ -47,7 +47,7 @@ class Size(Protocol):
         """A rank or head dim set per head rather than from d_model (MLA's); `even`: RoPE rotates pairs."""
 
     def context(self, value: int) -> int:
-        """A RoPE scaling's original context length."""
+        """A length within the context: a RoPE scaling's original context, a sliding window."""
 
 
 @dataclass(frozen=True)
@@ -188,10 +188,13 @@ def matrix_numel(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.ndim >= 2)
 
 
-def attention_flops(attn, per_key: int, seq_len: int) -> int:
+def attention_flops(attn, per_key: int, seq_len: int, *, window: int | None = None) -> int:
     """An attention's forward FLOPs per token: its matrices, plus `per_key` for the scores and weighted sum
-    of each of the (T + 1) / 2 keys a token sees on average under the causal mask."""
-    return 2 * matrix_numel(attn) + round(per_key * ((seq_len + 1) / 2))
+    of each key a token sees, on average (T + 1) / 2 under the causal mask; with a sliding window W < T,
+    the token at position t sees min(t + 1, W) keys."""
+    T, W = seq_len, window if window is not None and window < seq_len else seq_len
+    mean_keys = (W * (W + 1) / 2 + (T - W) * W) / T
+    return 2 * matrix_numel(attn) + round(per_key * mean_keys)
 
 
 def _rebuild(slot: str) -> None:

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from zoo.blocks.rope import RotaryEmbedding
 from zoo.kinds.registry import Kind, Size, Spec, kind_of, register, union
 
-BOTH_HF_FORMATS = ("deepseek_v3", "glm4_moe")
+HF_FORMATS = ("deepseek_v3", "glm4_moe", "qwen3_moe", "olmoe", "mixtral")  # all read transformers' rope_parameters
 
 
 class ScalingSpec(Spec):
@@ -77,7 +77,7 @@ def _shrink_context(node: dict, size: Size) -> None:
 
 for _spec, _shrink in ((NoScaling, None), (LinearScaling, None), (DynamicNTKScaling, _shrink_context),
                        (YarnScaling, _shrink_context)):
-    register(Kind("rope_scaling", _spec, build=_rotary_kwargs, shrink=_shrink, hf_formats=BOTH_HF_FORMATS))
+    register(Kind("rope_scaling", _spec, build=_rotary_kwargs, shrink=_shrink, hf_formats=HF_FORMATS))
 
 # A field annotation, re-pointed by every later registration; zoo.kinds.union("rope_scaling") is the live union.
 RopeScaling = union("rope_scaling")

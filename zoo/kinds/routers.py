@@ -1,4 +1,5 @@
-"""Router kinds: `softmax_topk` (Switch/GShard) and `sigmoid_group_topk` (DeepSeek-V3, GLM-4.5)."""
+"""Router kinds: `softmax_topk` (Switch/GShard, Mixtral, Qwen3-MoE, OLMoE) and `sigmoid_group_topk` (DeepSeek-V3,
+GLM-4.5)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from zoo.kinds.registry import Kind, Spec, register
 
 
 class SoftmaxTopKRouterSpec(Spec):
-    """Softmax over experts, top-k; Switch/GShard balance loss and ST-MoE z-loss."""
+    """Softmax over experts, top-k; Switch/GShard balance loss and ST-MoE z-loss. With `norm_topk_prob` the
+    K weights are renormalised to sum to 1: a softmax over the K selected logits (Mixtral)."""
 
     kind: Literal["softmax_topk"] = "softmax_topk"
     balance_loss_weight: float = Field(0.01, ge=0.0)
@@ -84,6 +86,7 @@ def check_groups(spec: SigmoidGroupTopKRouterSpec, *, n_experts: int, top_k: int
 
 
 # The MoE's shrink rule keeps group-limited routing valid (zoo/kinds/moe.py); routers have no size of their own.
-register(Kind("router", SoftmaxTopKRouterSpec, build=build_softmax_topk))
+register(Kind("router", SoftmaxTopKRouterSpec, build=build_softmax_topk,
+              hf_formats=("qwen3_moe", "olmoe", "mixtral")))
 register(Kind("router", SigmoidGroupTopKRouterSpec, build=build_sigmoid_group_topk,
               check=check_groups, hf_formats=("deepseek_v3", "glm4_moe")))

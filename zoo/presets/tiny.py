@@ -1,7 +1,8 @@
 """`tiny(spec)`: the same architecture at toy size, so tests and smoke runs never wait on full-size speed.
 
 Kinds, flags, ratios that change behaviour (GQA vs MQA, partial rotary, group-limited routing,
-first-k-dense, per-layer overrides, RoPE scaling) survive; widths, depth, vocabulary and budget shrink.
+first-k-dense, per-layer overrides, RoPE scaling, sliding windows) survive; widths, depth, vocabulary
+and budget shrink.
 """
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ TINY_D_MODEL = 64
 TINY_HEADS = 4
 TINY_SEQ = 64
 TINY_MAX_EXPERTS = 8  # raised where top_k or group-limited routing needs more
-TINY_ORIGINAL_CONTEXT = 32  # below TINY_SEQ, so dynamic-NTK and YaRN scaling are exercised
+TINY_ORIGINAL_CONTEXT = 32  # below TINY_SEQ: dynamic NTK, YaRN and sliding windows act
 
 
 @dataclass(frozen=True)
