@@ -1,29 +1,34 @@
-"""Hugging Face checkpoints <-> zoo models: DeepSeek-V3 (`deepseek_v3`) and GLM-4-MoE (`glm4_moe`).
+"""Hugging Face checkpoints <-> zoo models: DeepSeek-V3 (`deepseek_v3`), GLM-4-MoE (`glm4_moe`),
+Qwen3-MoE (`qwen3_moe`), OLMoE (`olmoe`) and Mixtral (`mixtral`).
 
     model, spec = from_hf("path/to/hf_dir")      # config.json + safetensors -> DecoderLM, ModelSpec
     to_hf(model, spec, "path/to/out")             # -> a directory AutoModelForCausalLM.from_pretrained loads
 
-The two formats are one decoder (pre-norm blocks, SwiGLU FFNs, the first `first_k_dense_replace`
-layers dense, then sigmoid-routed MoE layers with shared experts) with different attention: MLA for
-`deepseek_v3`, GQA with partial rotary, q/k/v bias and qk-norm for `glm4_moe`. Export picks the
-format from the spec's attention kind. Parity means the forward pass: transformers' logits and loss.
+The five formats are one decoder (pre-norm blocks, SwiGLU FFNs, dense or MoE layers) with different
+attention and routing: MLA for `deepseek_v3`; GQA with options for the others (partial rotary, q/k
+norm per head or over the whole projection, biases, a sliding window); sigmoid group-limited routing
+with shared experts for `deepseek_v3`/`glm4_moe`, softmax top-k for the rest. Export writes the first
+format, in the order above, that expresses the spec. Parity means the forward pass: transformers'
+logits and loss.
 
 Split by topic: `families/` holds one module per format (its config.json fields and weight names),
 `hf_config` reads config.json and picks the format a spec is written as, `hf_weights` maps tensor names
 and layouts (the name map is in its docstring), and this module puts them together.
 
-Not carried over, by design: training-only fields (the routing-bias update rate and the sequence-wise
-auxiliary loss: import takes the spec defaults, export drops them); multi-token-prediction layers
+Not carried over, by design: training-only fields (the routing-bias update rate, the auxiliary losses
+and router noise: import takes the spec defaults, export drops them; `attention_dropout` and Mixtral's
+`router_jitter_noise` are dropped with a warning); multi-token-prediction layers
 (`model.layers.{num_hidden_layers}.*` in released DeepSeek-V3/GLM-4.5 checkpoints: dropped on import,
 none written); `num_key_value_heads` of a `deepseek_v3` config (MLA gives every head its own key, the
-field changes no weight; export writes n_heads). Anything else either format can say and the other
-cannot is an error naming the field.
+field changes no weight; export writes n_heads). Anything else a format cannot say is an error naming
+the field.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +40,6 @@ from zoo.builders import build
 from zoo.interop.hf_config import (  # noqa: F401  (spec_from_hf_config: part of this module's API)
     SPECIAL_TOKENS,
     hf_config_dict,
-    hf_format,
     read_hf_config,
     spec_from_hf_config,
     transformers_module,
@@ -53,7 +57,7 @@ HF_TOKENIZER_DIR = "hf_tokenizer"  # where import-hf keeps the source's tokenize
 
 
 def from_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[DecoderLM, ModelSpec]:
-    """Read a transformers directory of model_type deepseek_v3 or glm4_moe: (model in eval mode, spec)."""
+    """Read a transformers directory of a supported model_type: (model in eval mode, spec)."""
     path = Path(path)
     config = read_hf_config(path)
     spec = spec_from_hf_config(config)
@@ -128,12 +132,15 @@ def import_hf(source: str | Path, run_dir: str | Path) -> list[str]:
     source, run_dir = Path(source), Path(run_dir)
     if (run_dir / SPEC_FILE).exists():
         raise SpecError(f"--out {run_dir} already holds a run folder; pick a new directory")
-    model, spec = from_hf(source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, spec = from_hf(source)
     data = DataSpec(seq_len=min(DataSpec().seq_len, spec.max_seq_len))
     save_run_folder(model, RunSpec(model=spec, data=data), run_dir)
-    kind = hf_format(spec.attention)
+    kind = json.loads((source / "config.json").read_text())["model_type"]
     n_params = sum(p.numel() for p in model.parameters())
     lines = [f"imported {kind} ({spec.n_layers} layers, {n_params / 1e6:.2f}M parameters) from {source} into {run_dir}"]
+    lines += [f"warning: {warning.message}" for warning in caught if issubclass(warning.category, UserWarning)]
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     if copied:
         (run_dir / HF_TOKENIZER_DIR).mkdir(exist_ok=True)

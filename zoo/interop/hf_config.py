@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from zoo.interop.families import FAMILIES, SUPPORTED, Family
-from zoo.interop.families.common import SPECIAL_TOKENS, check_common_fields, layout, make
-from zoo.kinds import Spec, kind_of
+from zoo.interop.families.common import (
+    SPECIAL_TOKENS,
+    check_common_fields,
+    kind_error,
+    kind_uses,
+    layout,
+    make,
+    one_attention,
+)
+from zoo.kinds import kind_of
 from zoo.overrides import SpecError
 from zoo.specs import ModelSpec, RunSpec
 
@@ -76,14 +84,13 @@ def transformers_module():
 
 
 def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config.json fields (model_type included) of the HF format that expresses `spec`; an error
-    naming the spec field where none can."""
+    """The config.json fields (model_type included) of the first HF format (in `FAMILIES` order) that
+    expresses `spec`; an error naming the spec field where none can."""
     spec = spec.model if isinstance(spec, RunSpec) else spec
-    model_type = hf_format(spec.layer_specs()[0].attention)
-    target = FAMILIES[model_type]
+    model_type, fields = _first_format(spec)
     return dict(
         model_type=model_type,
-        architectures=[target.architecture],
+        architectures=[FAMILIES[model_type].architecture],
         vocab_size=spec.vocab_size,
         hidden_size=spec.d_model,
         num_hidden_layers=spec.n_layers,
@@ -93,15 +100,42 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
         initializer_range=spec.init_std,
         hidden_act="silu",
         attention_dropout=0.0,
-        **target.config_fields(spec, layout(spec, model_type)),
+        **fields,
         **{name: (special_tokens or {}).get(name) for name in SPECIAL_TOKENS},
     )
 
 
-def hf_format(attention: Spec) -> str:
-    """The HF model_type whose attention is `attention`'s kind (zoo/kinds/ says which kind maps where)."""
-    formats = kind_of(attention).hf_formats
-    if len(formats) != 1:
+def hf_format(spec: ModelSpec | RunSpec) -> str:
+    """The HF model_type `spec` is written as."""
+    return _first_format(spec.model if isinstance(spec, RunSpec) else spec)[0]
+
+
+def _first_format(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
+    """(model_type, its format-specific config fields) of the first format that expresses `spec`. The
+    formats that hold every kind the spec uses say which field they cannot express; where none holds
+    them, the kinds are named."""
+    attention = one_attention(spec)
+    candidates = [model_type for model_type in SUPPORTED if model_type in kind_of(attention).hf_formats]
+    if not candidates:
         raise SpecError(f"model.attention.kind={attention.kind!r}: no Hugging Face format has this attention; "
-                        f"the zoo writes {' and '.join(SUPPORTED)}")
-    return formats[0]
+                        f"the zoo writes {', '.join(SUPPORTED)}")
+    shape = layout(spec)
+    uses = kind_uses(spec)
+    missing = {model_type: [use for use in uses if model_type not in use.formats] for model_type in candidates}
+    fitting = [model_type for model_type in candidates if not missing[model_type]]
+    if not fitting:
+        shared = [use for use in uses if all(use in missing[model_type] for model_type in candidates)]
+        if shared:
+            raise SpecError(kind_error(shared[0], candidates))
+        raise SpecError(_each(kind_error(missing[model_type][0], [model_type]) for model_type in candidates))
+    errors = []
+    for model_type in fitting:
+        try:
+            return model_type, FAMILIES[model_type].config_fields(spec, shape)
+        except SpecError as err:
+            errors.append(str(err))
+    raise SpecError(errors[0] if len(errors) == 1 else _each(errors))
+
+
+def _each(errors) -> str:
+    return "no Hugging Face format expresses this spec: " + "; ".join(errors)

@@ -3,14 +3,16 @@
 Legend: E = routed experts, F = expert hidden size, D = d_model.
 
 Weights on disk. Released checkpoints, and transformers' `save_pretrained`, store experts one by
-one (`mlp.experts.{e}.gate_proj.weight` (F, D), `up_proj` (F, D), `down_proj` (D, F)); transformers v5
-stacks them at load time into gate_up_proj (E, 2F, D), gate rows first, and down_proj (E, D, F): the
-zoo's layout. `from_hf` reads either layout, sharded or not; `to_hf` writes the per-expert one.
+one (`mlp.experts.{e}.gate_proj.weight` (F, D), `up_proj` (F, D), `down_proj` (D, F); Mixtral:
+`block_sparse_moe.experts.{e}.w1` / `w3` / `w2`); transformers v5 stacks them at load time into
+`mlp.experts.gate_up_proj` (E, 2F, D), gate rows first, and `down_proj` (E, D, F): the zoo's layout.
+`from_hf` reads either layout, sharded or not; `to_hf` writes the per-expert one.
 
 Name map (HF -> zoo): model.embed_tokens -> embed, model.norm -> norm, lm_head -> lm_head;
 model.layers.{i}.input_layernorm / post_attention_layernorm -> layers.{i}.attention_norm / ffn_norm;
 self_attn.* -> attention.* (DeepSeek: q_a_layernorm -> q_a_norm, kv_a_proj_with_mqa -> kv_a_proj,
-kv_a_layernorm -> kv_a_norm); mlp.gate.{weight, e_score_correction_bias} -> ffn.router.*; mlp.* -> ffn.*.
+kv_a_layernorm -> kv_a_norm); mlp.gate.{weight, e_score_correction_bias} -> ffn.router.*; mlp.* -> ffn.*
+(Mixtral's released names: block_sparse_moe for mlp).
 """
 
 from __future__ import annotations
@@ -71,16 +73,18 @@ class SafetensorsDir:
         return tuple(self._handles[self._file_of[key]].get_slice(key).get_shape())
 
 
-def hf_name(name: str, model_type: str) -> str:
-    """The HF key of a zoo state_dict key (routed experts excepted: see _EXPERTS)."""
+def hf_name(name: str, model_type: str, *, stacked: bool = False) -> str:
+    """The HF key of a zoo state_dict key (routed experts excepted: see _EXPERTS), as released checkpoints
+    name it (`stacked`: as transformers v5 modules do)."""
+    ffn = "mlp" if stacked else FAMILIES[model_type].moe_module
     rules = (
         (r"embed\.(.+)", r"model.embed_tokens.\1"),
         (r"norm\.(.+)", r"model.norm.\1"),
         (r"lm_head\.(.+)", r"lm_head.\1"),
         (r"layers\.(\d+)\.attention_norm\.(.+)", r"model.layers.\1.input_layernorm.\2"),
         (r"layers\.(\d+)\.ffn_norm\.(.+)", r"model.layers.\1.post_attention_layernorm.\2"),
-        (r"layers\.(\d+)\.ffn\.router\.(.+)", r"model.layers.\1.mlp.gate.\2"),
-        (r"layers\.(\d+)\.ffn\.(.+)", r"model.layers.\1.mlp.\2"),
+        (r"layers\.(\d+)\.ffn\.router\.(.+)", rf"model.layers.\1.{ffn}.gate.\2"),
+        (r"layers\.(\d+)\.ffn\.(.+)", rf"model.layers.\1.{ffn}.\2"),
     )
     match = re.fullmatch(r"layers\.(\d+)\.attention\.(\w+)\.(.+)", name)
     if match:
@@ -92,15 +96,20 @@ def hf_name(name: str, model_type: str) -> str:
     raise ValueError(f"no Hugging Face name for zoo parameter {name!r}")
 
 
-def stacked_experts(tensors: SafetensorsDir, layer: int, which: str, n_experts: int) -> torch.Tensor:
+def stacked_experts(
+    tensors: SafetensorsDir, layer: int, which: str, n_experts: int, model_type: str
+) -> torch.Tensor:
     """gate_up_proj (E, 2F, D) or down_proj (E, D, F) of one layer, from a stacked or per-expert checkpoint."""
-    prefix = f"model.layers.{layer}.mlp.experts"
-    if f"{prefix}.{which}" in tensors:
-        return tensors.get(f"{prefix}.{which}")
+    stacked = f"model.layers.{layer}.mlp.experts.{which}"
+    if stacked in tensors:
+        return tensors.get(stacked)
+    family = FAMILIES[model_type]
+    prefix = f"model.layers.{layer}.{family.moe_module}.experts"
+    gate, up, down = family.expert_names
     if which == "down_proj":
-        return torch.stack([tensors.get(f"{prefix}.{e}.down_proj.weight") for e in range(n_experts)])  # (E, D, F)
-    gate_EFD = torch.stack([tensors.get(f"{prefix}.{e}.gate_proj.weight") for e in range(n_experts)])
-    up_EFD = torch.stack([tensors.get(f"{prefix}.{e}.up_proj.weight") for e in range(n_experts)])
+        return torch.stack([tensors.get(f"{prefix}.{e}.{down}.weight") for e in range(n_experts)])  # (E, D, F)
+    gate_EFD = torch.stack([tensors.get(f"{prefix}.{e}.{gate}.weight") for e in range(n_experts)])
+    up_EFD = torch.stack([tensors.get(f"{prefix}.{e}.{up}.weight") for e in range(n_experts)])
     return torch.cat((gate_EFD, up_EFD), dim=1)  # (E, 2F, D), gate rows first
 
 
@@ -113,10 +122,12 @@ def load_hf_weights(model: DecoderLM, spec: ModelSpec, model_type: str, tensors:
         experts = _EXPERTS.fullmatch(name)
         if experts:
             layer = int(experts[1])
-            value = stacked_experts(tensors, layer, experts[2], layers[layer].ffn.n_experts)
+            value = stacked_experts(tensors, layer, experts[2], layers[layer].ffn.n_experts, model_type)
             key = f"model.layers.{layer}.mlp.experts (stacked {experts[2]})"
         else:
             key = hf_name(name, model_type)
+            if key not in tensors:  # saved with transformers' in-memory names (save_original_format=False)
+                key = hf_name(name, model_type, stacked=True)
             value = tensors.get(key)
         if tuple(value.shape) != tuple(target.shape):
             raise SpecError(f"{tensors.path}: {key} has shape {tuple(value.shape)} in the checkpoint but "
@@ -159,16 +170,18 @@ def hf_tensors(
             out[f"model.layers.{experts[1]}.mlp.experts.{experts[2]}"] = tensor.detach()
             continue
         if not experts:
-            out[hf_name(name, model_type)] = tensor.detach()
+            out[hf_name(name, model_type, stacked=stacked)] = tensor.detach()
             continue
-        prefix = f"model.layers.{experts[1]}.mlp.experts"
+        family = FAMILIES[model_type]
+        prefix = f"model.layers.{experts[1]}.{family.moe_module}.experts"
+        gate, up, down = family.expert_names
         for e, weight in enumerate(tensor.detach()):
             if experts[2] == "down_proj":
-                out[f"{prefix}.{e}.down_proj.weight"] = weight.clone()  # (D, F)
+                out[f"{prefix}.{e}.{down}.weight"] = weight.clone()  # (D, F)
             else:
                 gate_FD, up_FD = weight.chunk(2, dim=0)
-                out[f"{prefix}.{e}.gate_proj.weight"] = gate_FD.clone()
-                out[f"{prefix}.{e}.up_proj.weight"] = up_FD.clone()
+                out[f"{prefix}.{e}.{gate}.weight"] = gate_FD.clone()
+                out[f"{prefix}.{e}.{up}.weight"] = up_FD.clone()
     # transformers builds a zero-width shared expert when n_shared_experts = 0; give it its empty weights
     for index, layer in enumerate(spec.layer_specs()):
         if (FAMILIES[model_type].empty_shared_experts and isinstance(layer.ffn, MoESpec)

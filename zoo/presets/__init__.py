@@ -6,7 +6,7 @@ starts from.
 """
 
 from zoo.overrides import apply_sets
-from zoo.presets import core, exp1, perf  # noqa: F401  (registers the presets)
+from zoo.presets import core, exp1, families, perf  # noqa: F401  (registers the presets)
 from zoo.presets.registry import describe_line, names, preset
 from zoo.presets.registry import get as _get
 from zoo.presets.tiny import tiny

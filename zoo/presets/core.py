@@ -42,7 +42,7 @@ def deepseek_mla() -> MLASpec:
 def glm4_attention() -> MHASpec:
     """GLM-4.5 attention: GQA (96 query / 8 kv heads in the release; 8 / 2 here), partial rotary 0.5,
     per-head RMSNorm on q and k, q/k/v bias."""
-    return MHASpec(n_heads=SEED_HEADS, n_kv_heads=2, qk_norm=True, qkv_bias=True, rotary_fraction=0.5)
+    return MHASpec(n_heads=SEED_HEADS, n_kv_heads=2, qk_norm="head", qkv_bias=True, rotary_fraction=0.5)
 
 
 def _sigmoid_moe(n_groups: int, topk_groups: int) -> MoESpec:

@@ -3,6 +3,7 @@ to, the config.json fields every format has, and errors that name the field."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 
 from zoo.kinds import Spec, kind_of, kinds
 from zoo.overrides import SpecError
-from zoo.specs import MLPSpec, ModelSpec, MoESpec
+from zoo.specs import LayerOverride, MLPSpec, ModelSpec, MoESpec
 
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -37,6 +38,9 @@ class Family:
         SpecError naming the spec field where the format cannot say it.
     attention_names: zoo attention submodule -> HF name, where they differ.
     empty_shared_experts: transformers builds zero-width shared experts when n_shared_experts = 0.
+    moe_module, expert_names: the names of the MoE module and of each expert's (gate, up, down)
+        projections in released checkpoints (transformers' in-memory names are mlp and gate_up_proj /
+        down_proj for every format).
     """
 
     model_type: str
@@ -45,6 +49,8 @@ class Family:
     config_fields: Callable[[ModelSpec, Layout], dict[str, Any]]
     attention_names: Mapping[str, str] = field(default_factory=dict)
     empty_shared_experts: bool = False
+    moe_module: str = "mlp"
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
 
 def make(cls, where: str, **fields):
@@ -58,40 +64,77 @@ def make(cls, where: str, **fields):
         raise SpecError(f"config.json {where}: {loc + ': ' if loc else ''}{message}") from None
 
 
+# Fields that change training only (dropout, noise): import leaves them out with a warning, since the
+# forward pass of evaluation and generation is the same without them.
+TRAINING_ONLY = {
+    "attention_dropout": "the zoo has no attention dropout",
+    "router_jitter_noise": "the zoo's router noise is Gaussian on the logits (router.noise_std)",
+}
+
+
 def check_common_fields(config: Any) -> None:
     """Fields the zoo cannot express in any format: an error naming the field rather than a silently
-    different model."""
+    different model; a warning for those that change training only."""
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise SpecError(f"config.json hidden_act={act!r}: the zoo's FFNs are SwiGLU (silu) only")
-    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
-    if dropout != 0:
-        raise SpecError(f"config.json attention_dropout={dropout}: the zoo has no attention dropout; set it to 0.0")
     if getattr(config, "quantization_config", None):
         raise SpecError("config.json quantization_config is set: dequantize the checkpoint (bf16/fp32) first")
+    for name, why in TRAINING_ONLY.items():
+        value = getattr(config, name, None)
+        if value:
+            warnings.warn(f"config.json {name}={value} is not carried: {why}; it changes training only",
+                          stacklevel=2)
 
 
-def kinds_in(slot: str, model_type: str) -> str:
-    """The `slot` kinds that `model_type` can express, for an error message."""
-    return ", ".join(k.name for k in kinds(slot) if model_type in k.hf_formats) or "none"
+# A slot's kind in an error message: (what it is, what its kinds are called).
+SLOT_WORDS = {"ffn": ("an", "FFN", "FFN kinds"), "router": ("a", "router", "router kinds"),
+              "rope_scaling": ("a", "RoPE scaling", "scalings")}
 
 
-def layout(spec: ModelSpec, model_type: str) -> Layout:
-    """The spec's Layout, every layer's kinds checked against `model_type`. Overrides are fine as long as
-    the resolved layers still fit one attention, one dense MLP and one MoE."""
+@dataclass(frozen=True)
+class KindUse:
+    """A kind the spec uses, and the field that holds it (for error messages)."""
+
+    where: str
+    spec: Spec
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return kind_of(self.spec).hf_formats
+
+
+def kinds_in(slot: str, model_types: list[str]) -> str:
+    """The `slot` kinds any of `model_types` can express, for an error message."""
+    return ", ".join(k.name for k in kinds(slot) if set(model_types) & set(k.hf_formats)) or "none"
+
+
+def kind_error(use: KindUse, model_types: list[str]) -> str:
+    """One line: the kind at `use` is in none of `model_types`."""
+    slot = kind_of(use.spec).slot
+    article, thing, plural = SLOT_WORDS[slot]
+    if len(model_types) == 1:
+        return (f"{use.where}.kind={use.spec.kind!r}: {model_types[0]} has no such {thing}; "
+                f"its {plural}: {kinds_in(slot, model_types)}")
+    return (f"{use.where}.kind={use.spec.kind!r}: no Hugging Face format with this attention has such {article} {thing}; "
+            f"their {plural}: {kinds_in(slot, model_types)}")
+
+
+def one_attention(spec: ModelSpec) -> Spec:
+    """The attention of every layer: no HF format mixes attentions."""
     layers = spec.layer_specs()
-    attention = layers[0].attention
     for index, layer in enumerate(layers):
-        if layer.attention != attention:
+        if layer.attention != layers[0].attention:
             raise SpecError(f"model.overrides: layer {index} has a different attention from layer 0; "
-                            f"{model_type} uses one attention for every layer")
-    for index, layer in enumerate(layers):
-        ffn = layer.ffn
-        if model_type not in kind_of(ffn).hf_formats:
-            where = ("model.ffn" if ffn == spec.ffn else "model.dense_ffn" if ffn == spec.dense_ffn
-                     else f"model.overrides: layer {index}'s ffn")
-            raise SpecError(f"{where}.kind={ffn.kind!r}: {model_type} has no such FFN; "
-                            f"its FFN kinds: {kinds_in('ffn', model_type)}")
+                            "the Hugging Face formats use one attention for every layer")
+    return layers[0].attention
+
+
+def layout(spec: ModelSpec) -> Layout:
+    """The spec's Layout. Overrides are fine as long as the resolved layers still fit one attention, one
+    dense MLP and one MoE."""
+    attention = one_attention(spec)
+    layers = spec.layer_specs()
     dense_layers = tuple(i for i, layer in enumerate(layers) if not isinstance(layer.ffn, MoESpec))
     dense = layers[dense_layers[0]].ffn if dense_layers else None
     moe = next((layer.ffn for layer in layers if isinstance(layer.ffn, MoESpec)), None)
@@ -99,12 +142,46 @@ def layout(spec: ModelSpec, model_type: str) -> Layout:
     for index, layer in enumerate(layers):
         expected = dense if index in dense_layers else moe
         if layer.ffn != expected:
-            kind = "dense MLP" if index in dense_layers else "MoE"
-            raise SpecError(f"{cause}: layer {index}'s {kind} differs from the others'; {model_type} has one "
-                            "dense MLP and one MoE for all layers")
-    if moe is not None:
-        router = moe.router
-        if model_type not in kind_of(router).hf_formats:
-            raise SpecError(f"model.ffn.router.kind={router.kind!r}: {model_type} has no such router; "
-                            f"its router kinds: {kinds_in('router', model_type)}")
+            kind = "dense FFN" if index in dense_layers else "MoE"
+            raise SpecError(f"{cause}: layer {index}'s {kind} differs from the others'; the Hugging Face formats "
+                            "have one dense FFN and one MoE for all layers")
     return Layout(attention, dense, moe, dense_layers)
+
+
+def kind_uses(spec: ModelSpec) -> list[KindUse]:
+    """Every FFN, router and RoPE-scaling kind the layers use (the attention's kind picks the formats)."""
+    uses: dict[KindUse, None] = {}
+    for index, layer in enumerate(spec.layer_specs()):
+        ffn = layer.ffn
+        where = ("model.ffn" if ffn == spec.ffn else "model.dense_ffn" if ffn == spec.dense_ffn
+                 else f"model.overrides: layer {index}'s ffn")
+        uses[KindUse(where, ffn)] = None
+        if isinstance(ffn, MoESpec):
+            uses[KindUse(f"{where}.router", ffn.router)] = None
+    scaling = getattr(spec.layer_specs()[0].attention, "rope", None)
+    if scaling is not None:
+        uses[KindUse("model.attention.rope.scaling", scaling.scaling)] = None
+    return list(uses)
+
+
+def require(value: Any, allowed: Any, where: str, model_type: str, why: str) -> None:
+    """A SpecError `where=value: <model_type> <why>` unless value == allowed (or is in it, for a tuple)."""
+    ok = value in allowed if isinstance(allowed, tuple) else value == allowed
+    if not ok:
+        raise SpecError(f"{where}={value!r}: {model_type} {why}")
+
+
+def dense_layer_fields(dense_layers: list[int], dense: MLPSpec | None) -> dict[str, Any]:
+    """The ModelSpec fields that make `dense_layers` use `dense` (the other layers keep model.ffn): the
+    first k layers are first_k_dense, any other set an override."""
+    if not dense_layers:
+        return {}
+    if dense_layers == list(range(len(dense_layers))):
+        return dict(first_k_dense=len(dense_layers), dense_ffn=dense)
+    return dict(overrides=[LayerOverride(layers=dense_layers, ffn=dense)])
+
+
+def check_softmax_moe(moe: MoESpec, model_type: str) -> None:
+    """What a softmax top-k format's MoE cannot say (its router fields other than norm_topk_prob train only)."""
+    require(moe.n_shared_experts, 0, "model.ffn.n_shared_experts", model_type, "has no shared experts; set it to 0")
+

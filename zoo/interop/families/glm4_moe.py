@@ -5,44 +5,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.interop.families.common import Family, Layout, make
+from zoo.interop.families.common import Family, Layout, require
 from zoo.interop.families.deepseek_moe import check_deepseek_fields, ffn_from_hf, ffn_to_hf
-from zoo.interop.families.rope import rope_from_hf, rope_to_hf
-from zoo.specs import MHASpec, ModelSpec
+from zoo.interop.families.mha import mha_from_hf, mha_to_hf
+from zoo.specs import ModelSpec
 
 MODEL_TYPE = "glm4_moe"
 
 
 def model_fields(config: Any) -> dict[str, Any]:
     check_deepseek_fields(config)
-    rope, rotary_fraction = rope_from_hf(config, partial_rotary=True, softmax_mscale=False)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = config.num_key_value_heads or config.num_attention_heads
-    attention = make(
-        MHASpec, "attention fields (num_attention_heads, num_key_value_heads, head_dim)",
-        n_heads=config.num_attention_heads,
-        n_kv_heads=None if kv_heads == config.num_attention_heads else kv_heads,
-        head_dim=head_dim,
-        qk_norm=bool(config.use_qk_norm),
-        qkv_bias=bool(config.attention_bias),
-        rotary_fraction=rotary_fraction,
-        rope=rope,
-    )
+    attention = mha_from_hf(config, partial_rotary=True, qk_norm="head" if config.use_qk_norm else None,
+                            qkv_bias=bool(config.attention_bias))
     return dict(attention=attention, **ffn_from_hf(config))
 
 
 def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     attention = layout.attention
-    rope = rope_to_hf(attention.rope, spec, where="model.attention.rope", model_type=MODEL_TYPE,
-                      softmax_mscale=False)
-    rope["partial_rotary_factor"] = attention.rotary_fraction  # always written: glm4_moe defaults to 0.5
+    require(attention.qk_norm, (None, "head"), "model.attention.qk_norm", MODEL_TYPE,
+            "normalises q and k per head or not at all; set it to 'head' or null")
+    require(attention.o_bias, False, "model.attention.o_bias", MODEL_TYPE, "has no output bias; set it to false")
+    require(attention.sliding_window, None, "model.attention.sliding_window", MODEL_TYPE,
+            "has no sliding window; set it to null")
+    fields = mha_to_hf(spec, attention, MODEL_TYPE)
+    fields["rope_parameters"]["partial_rotary_factor"] = attention.rotary_fraction  # glm4_moe defaults to 0.5
     return dict(
-        num_attention_heads=attention.n_heads,
-        num_key_value_heads=attention.kv_heads(),
-        head_dim=attention.resolved_head_dim(spec.d_model),
-        use_qk_norm=attention.qk_norm,
+        fields,
+        use_qk_norm=attention.qk_norm == "head",
         attention_bias=attention.qkv_bias,
-        rope_parameters=rope,
         **ffn_to_hf(layout, MODEL_TYPE, overridden=bool(spec.overrides)),
     )
 

@@ -11,8 +11,7 @@ import math
 from typing import Any
 
 from zoo.blocks.rope import yarn_mscale
-from zoo.interop.families.common import kinds_in, make
-from zoo.kinds import kind_of
+from zoo.interop.families.common import make
 from zoo.overrides import SpecError
 from zoo.specs import DynamicNTKScaling, LinearScaling, ModelSpec, NoScaling, RopeSpec, YarnScaling
 
@@ -86,9 +85,6 @@ def rope_to_hf(rope: RopeSpec, spec: ModelSpec, *, where: str, model_type: str,
                softmax_mscale: bool) -> dict[str, Any]:
     """`rope_parameters` for `rope` (`softmax_mscale`: as in rope_from_hf)."""
     scaling = rope.scaling
-    if model_type not in kind_of(scaling).hf_formats:
-        raise SpecError(f"{where}.scaling.kind={scaling.kind!r}: {model_type} has no such RoPE scaling; "
-                        f"its scalings: {kinds_in('rope_scaling', model_type)}")
     params: dict[str, Any] = {"rope_theta": rope.theta}
     if isinstance(scaling, NoScaling):
         params["rope_type"] = "default"
@@ -115,7 +111,7 @@ def rope_to_hf(rope: RopeSpec, spec: ModelSpec, *, where: str, model_type: str,
             params["mscale_all_dim"] = scaling.mscale_all_dim
             if scaling.mscale:  # unset in HF means what mscale=0 means in the zoo
                 params["mscale"] = scaling.mscale
-    else:  # a kind that lists the format in hf_formats but has no mapping here
+    else:  # a kind that lists the format in its hf_formats but has no mapping here
         raise SpecError(f"{where}.scaling.kind={scaling.kind!r}: zoo/interop/families/rope.py writes no {model_type} "
                         "rope_parameters for it")
     return params
