@@ -91,13 +91,16 @@ def _export_error(spec) -> str:
 
 
 def test_export_errors_name_the_field():
-    # A softmax router without q/k norm or renormalisation: every softmax format says what it lacks.
-    message = _export_error(presets.get("baseline").model)
-    assert message.startswith("no Hugging Face format expresses this spec: model.attention.qk_norm=None: qwen3_moe "
-                              "normalises q and k per head; set it to 'head'; model.attention.qk_norm=None: olmoe")
-    assert message.endswith("model.ffn.router.norm_topk_prob=False: mixtral renormalises the top-k weights (a softmax "
-                            "over the selected logits); set it to true")
-    assert "glm4_moe" not in message  # its router kind differs: not a candidate worth a word
+    # A softmax router without q/k norm: Mixtral's layout, which renormalises the top-k weights.
+    assert _export_error(presets.get("baseline").model) == (
+        "model.ffn.router.norm_topk_prob=False: mixtral renormalises the top-k weights (a softmax over the selected "
+        "logits); set it to true")
+    # A dense model with per-head q/k norm resembles two formats; neither has an output bias alone.
+    dense = with_changes(presets.get("dense", tiny=True).model, {"attention.qk_norm": "head", "attention.o_bias": True})
+    assert _export_error(dense) == (
+        "no Hugging Face format expresses this spec: model.attention.o_bias=True: glm4_moe has no output bias; set "
+        "it to false; model.attention.o_bias=True: qwen3_moe has one attention_bias for q/k/v and the output; set it "
+        "to qkv_bias (False)")
     glm4 = presets.get("glm4", tiny=True).model
     yarn = YarnScaling(factor=4.0, original_max_seq_len=16, mscale_all_dim=1.0)
     assert _export_error(with_changes(glm4, {"attention.rope.scaling": yarn})).startswith(

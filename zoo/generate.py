@@ -43,20 +43,25 @@ class RunError(ValueError):
 
 def load_run(run_dir: str | Path, *, dtype: torch.dtype = torch.float32):
     """(model in eval mode, RunSpec, tokenizer) from a run folder: spec.json + model.safetensors
-    (zoo.checkpoint) + tokenizer.model (zoo.tokenizer.Tokenizer, the tokenizer the run trained with)."""
-    from zoo.tokenizer import TOKENIZER_FILENAME, Tokenizer
+    (zoo.checkpoint) + tokenizer.model (zoo.tokenizer.Tokenizer, the tokenizer the run trained with),
+    or for a folder `zoo import-hf` made, the source's tokenizer files in hf_tokenizer/ (HFTokenizer)."""
     from zoo.checkpoint import load_run_folder
+    from zoo.tokenizer import HF_TOKENIZER_DIR, TOKENIZER_FILENAME, HFTokenizer, Tokenizer
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"run folder {run_dir} does not exist")
-    if not (run_dir / TOKENIZER_FILENAME).is_file():
+    if (run_dir / TOKENIZER_FILENAME).is_file():
+        tokenizer, name = Tokenizer.load(run_dir), TOKENIZER_FILENAME
+    elif (run_dir / HF_TOKENIZER_DIR).is_dir():
+        tokenizer, name = HFTokenizer.load(run_dir / HF_TOKENIZER_DIR), f"the tokenizer in {HF_TOKENIZER_DIR}/"
+    else:
         raise RunError(f"run folder {run_dir} has no {TOKENIZER_FILENAME}: evaluation and generation need the "
-                       "run's SentencePiece tokenizer (training writes it with Tokenizer.save(run_dir))")
+                       "run's SentencePiece tokenizer (training writes it with Tokenizer.save(run_dir)), or for an "
+                       f"imported model the source's tokenizer files in {HF_TOKENIZER_DIR}/")
     model, spec = load_run_folder(run_dir, dtype=dtype)
-    tokenizer = Tokenizer.load(run_dir)
     if tokenizer.vocab_size > spec.model.vocab_size:
-        raise RunError(f"{run_dir}: tokenizer.model has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+        raise RunError(f"{run_dir}: {name} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                        f"{spec.model.vocab_size}: the tokenizer does not belong to this model")
     return model, spec, tokenizer
 

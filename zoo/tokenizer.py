@@ -2,6 +2,9 @@
 
 training/data.py trains it (BPE, byte fallback, lossless round trip) and saves it into the run folder
 as `tokenizer.model`; generation and evaluation load it from there. Plain sentencepiece, no training code.
+
+A run folder made by `zoo import-hf` holds the source's own tokenizer files under `hf_tokenizer/`
+instead: `HFTokenizer` serves them to generation and evaluation through transformers' AutoTokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from zoo.files import write_atomic
 from zoo.host import usable_cpus
 
 TOKENIZER_FILENAME = "tokenizer.model"
+HF_TOKENIZER_DIR = "hf_tokenizer"  # where `zoo import-hf` keeps the source's tokenizer inside a run folder
 
 
 class TokenizerError(ValueError):
@@ -69,6 +73,48 @@ class Tokenizer:
         except RuntimeError as error:  # SentencePiece: "INTERNAL: ... ParseFromArray"
             raise TokenizerError(f"tokenizer file {str(path)!r} is not a SentencePiece model ({error}); "
                                  "restore it from the run folder it came from") from None
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (the files of an imported model) with the interface generation and
+    evaluation read: vocab_size, eos_id, encode (no special tokens added: generation puts EOS first, as
+    for the zoo's own runs), encode_batch and decode."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokenizer)
+
+    @property
+    def eos_id(self) -> int:
+        return self._tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        return self._tokenizer.decode(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> HFTokenizer:
+        """From a directory of tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json, ...)."""
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except (OSError, ValueError, TypeError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise TokenizerError(f"{directory} holds no tokenizer transformers can load ({first})") from None
+        if tokenizer.eos_token_id is None:
+            raise TokenizerError(f"the tokenizer in {directory} has no EOS token: generation and evaluation start "
+                                 "every text after one; set eos_token in its tokenizer_config.json")
+        return cls(tokenizer)
 
 
 def canonical_proto(model_proto: bytes) -> bytes:

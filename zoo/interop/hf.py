@@ -47,13 +47,13 @@ from zoo.interop.hf_config import (  # noqa: F401  (spec_from_hf_config: part of
 from zoo.interop.hf_weights import SafetensorsDir, hf_tensors, load_hf_weights, write_safetensors
 from zoo.overrides import SpecError
 from zoo.specs import DataSpec, ModelSpec, RunSpec
+from zoo.tokenizer import HF_TOKENIZER_DIR
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
-HF_TOKENIZER_DIR = "hf_tokenizer"  # where import-hf keeps the source's tokenizer inside a run folder
 
 
 def from_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[DecoderLM, ModelSpec]:
@@ -150,7 +150,7 @@ def import_hf(source: str | Path, run_dir: str | Path) -> list[str]:
     if not set(copied) - {"generation_config.json"}:
         lines.append(f"{source} has no tokenizer files: the run folder has no tokenizer")
     else:
-        lines.append("the Hugging Face tokenizer is kept as is: it is not the zoo's SentencePiece tokenizer")
+        lines.append("the Hugging Face tokenizer is kept as is: zoo generate and zoo eval use it")
     return lines
 
 

@@ -112,8 +112,8 @@ def hf_format(spec: ModelSpec | RunSpec) -> str:
 
 def _first_format(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
     """(model_type, its format-specific config fields) of the first format that expresses `spec`. The
-    formats that hold every kind the spec uses say which field they cannot express; where none holds
-    them, the kinds are named."""
+    formats that hold every kind the spec uses, and that the spec resembles where there are any, say
+    which field they cannot express; where none holds them all, the kinds are named."""
     attention = one_attention(spec)
     candidates = [model_type for model_type in SUPPORTED if model_type in kind_of(attention).hf_formats]
     if not candidates:
@@ -128,13 +128,15 @@ def _first_format(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
         if shared:
             raise SpecError(kind_error(shared[0], candidates))
         raise SpecError(_each(kind_error(missing[model_type][0], [model_type]) for model_type in candidates))
-    errors = []
+    errors = {}
     for model_type in fitting:
         try:
             return model_type, FAMILIES[model_type].config_fields(spec, shape)
         except SpecError as err:
-            errors.append(str(err))
-    raise SpecError(errors[0] if len(errors) == 1 else _each(errors))
+            errors[model_type] = str(err)
+    reported = [error for model_type, error in errors.items() if FAMILIES[model_type].resembles(shape)]
+    reported = reported or list(errors.values())
+    raise SpecError(reported[0] if len(reported) == 1 else _each(reported))
 
 
 def _each(errors) -> str:

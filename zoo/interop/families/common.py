@@ -41,6 +41,8 @@ class Family:
     moe_module, expert_names: the names of the MoE module and of each expert's (gate, up, down)
         projections in released checkpoints (transformers' in-memory names are mlp and gate_up_proj /
         down_proj for every format).
+    resembles: whether a spec has this format's signature (its q/k norm, say): when no format expresses
+        a spec, the errors reported are those of the formats it resembles.
     """
 
     model_type: str
@@ -51,6 +53,7 @@ class Family:
     empty_shared_experts: bool = False
     moe_module: str = "mlp"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    resembles: Callable[[Layout], bool] = lambda layout: True
 
 
 def make(cls, where: str, **fields):

@@ -37,4 +37,5 @@ def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     )
 
 
-FAMILY = Family(MODEL_TYPE, "Glm4MoeForCausalLM", model_fields, config_fields, empty_shared_experts=True)
+FAMILY = Family(MODEL_TYPE, "Glm4MoeForCausalLM", model_fields, config_fields, empty_shared_experts=True,
+                resembles=lambda layout: layout.attention.qk_norm in (None, "head"))

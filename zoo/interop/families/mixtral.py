@@ -51,4 +51,5 @@ def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
 
 
 FAMILY = Family(MODEL_TYPE, "MixtralForCausalLM", model_fields, config_fields,
-                moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"))
+                moe_module="block_sparse_moe", expert_names=("w1", "w3", "w2"),
+                resembles=lambda layout: layout.attention.qk_norm is None)

@@ -60,4 +60,5 @@ def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     )
 
 
-FAMILY = Family(MODEL_TYPE, "OlmoeForCausalLM", model_fields, config_fields)
+FAMILY = Family(MODEL_TYPE, "OlmoeForCausalLM", model_fields, config_fields,
+                resembles=lambda layout: layout.attention.qk_norm == "projection")

@@ -69,4 +69,5 @@ def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     )
 
 
-FAMILY = Family(MODEL_TYPE, "Qwen3MoeForCausalLM", model_fields, config_fields)
+FAMILY = Family(MODEL_TYPE, "Qwen3MoeForCausalLM", model_fields, config_fields,
+                resembles=lambda layout: layout.attention.qk_norm == "head")
