@@ -155,7 +155,7 @@ def test_export_errors_name_the_field():
         "selected logits); set it to true")
 
 
-def test_cli_import_of_a_config_the_zoo_cannot_express_is_one_line_exit_2(tmp_path, capsys):
+def test_cli_import_refuses_in_one_line_what_the_zoo_cannot_express(tmp_path, capsys):
     from zoo.cli import main
 
     make_hf(CASES["olmoe-gqa3x1-top2-nonorm-bias-linear"], tmp_path / "src")
@@ -163,6 +163,11 @@ def test_cli_import_of_a_config_the_zoo_cannot_express_is_one_line_exit_2(tmp_pa
     assert main(["import-hf", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("zoo: error:") and "clip_qkv=8.0" in err and err.count("\n") == 1, err
+    # A training-only field is left out with a line saying so, and the import goes on.
+    edit_config(tmp_path / "src", clip_qkv=None, attention_dropout=0.1)
+    assert main(["import-hf", str(tmp_path / "src"), "--out", str(tmp_path / "run")]) == 0
+    assert ("warning: config.json attention_dropout=0.1 is not carried: the zoo has no attention dropout"
+            in capsys.readouterr().out)
 
 
 # ----------------------------------------------------------------------------- zoo import-hf, generate, eval

@@ -44,6 +44,7 @@ from zoo.interop.hf_config import (  # noqa: F401  (spec_from_hf_config: part of
     spec_from_hf_config,
     transformers_module,
 )
+from zoo.interop.families.common import DroppedField
 from zoo.interop.hf_weights import SafetensorsDir, hf_tensors, load_hf_weights, write_safetensors
 from zoo.overrides import SpecError
 from zoo.specs import DataSpec, ModelSpec, RunSpec
@@ -140,7 +141,7 @@ def import_hf(source: str | Path, run_dir: str | Path) -> list[str]:
     kind = json.loads((source / "config.json").read_text())["model_type"]
     n_params = sum(p.numel() for p in model.parameters())
     lines = [f"imported {kind} ({spec.n_layers} layers, {n_params / 1e6:.2f}M parameters) from {source} into {run_dir}"]
-    lines += [f"warning: {warning.message}" for warning in caught if issubclass(warning.category, UserWarning)]
+    lines += [f"warning: {warning.message}" for warning in caught if issubclass(warning.category, DroppedField)]
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     if copied:
         (run_dir / HF_TOKENIZER_DIR).mkdir(exist_ok=True)

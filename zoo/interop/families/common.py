@@ -75,6 +75,10 @@ TRAINING_ONLY = {
 }
 
 
+class DroppedField(UserWarning):
+    """A config.json field import leaves out (it changes training only)."""
+
+
 def check_common_fields(config: Any) -> None:
     """Fields the zoo cannot express in any format: an error naming the field rather than a silently
     different model; a warning for those that change training only."""
@@ -87,7 +91,7 @@ def check_common_fields(config: Any) -> None:
         value = getattr(config, name, None)
         if value:
             warnings.warn(f"config.json {name}={value} is not carried: {why}; it changes training only",
-                          stacklevel=2)
+                          DroppedField, stacklevel=2)
 
 
 # A slot's kind in an error message: (what it is, what its kinds are called).
