@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _hf import CASES, LOGITS_ATOL, YARN, compare, edit_config, inputs, make_hf
+from _hf import CASES, LOGITS_ATOL, YARN, Case, compare, edit_config, inputs, make_hf
 from _hf import report  # noqa: F401  (fixture)
 from zoo.interop.hf import from_hf
 from zoo.overrides import SpecError
@@ -79,6 +79,16 @@ def test_mtp_layers_are_dropped(tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model, _ = from_hf(tmp_path)
+    ids, _ = inputs()
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids).logits).abs().max() <= LOGITS_ATOL
+
+
+def test_swish_is_silu(tmp_path):
+    """transformers' ACT2FN maps both names to x * sigmoid(x)."""
+    case = CASES["glm-partial0.5-qknorm-qkvbias-g1x1-dense1-shared1-norm-rsf1-rope_none"]
+    hf = make_hf(Case(case.arch, {**case.fields, "hidden_act": "swish"}), tmp_path)
     model, _ = from_hf(tmp_path)
     ids, _ = inputs()
     with torch.no_grad():

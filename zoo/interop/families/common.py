@@ -15,6 +15,7 @@ from zoo.overrides import SpecError
 from zoo.specs import LayerOverride, MLPSpec, ModelSpec, MoESpec
 
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN: both are x * sigmoid(x)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def check_common_fields(config: Any) -> None:
     """Fields the zoo cannot express in any format: an error naming the field rather than a silently
     different model; a warning for those that change training only."""
     act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
+    if act not in SILU_NAMES:
         raise SpecError(f"config.json hidden_act={act!r}: the zoo's FFNs are SwiGLU (silu) only")
     if getattr(config, "quantization_config", None):
         raise SpecError("config.json quantization_config is set: dequantize the checkpoint (bf16/fp32) first")
