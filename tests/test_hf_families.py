@@ -51,7 +51,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+FAST = ("qwen3-gqa5x1-hd12-top3norm-step2-bias", "olmoe-gqa3x1-top2-nonorm-bias-linear",
+        "mixtral-gqa5x1-hd10-top2-window7")  # one case per family in the fast lane
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name in FAST else pytest.mark.slow)
+                                  for name in CASES])
 def test_from_hf_matches_transformers_and_exports_back(name, tmp_path):
     case = CASES[name]
     hf = make_hf(case, tmp_path / "src")

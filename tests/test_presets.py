@@ -9,6 +9,7 @@ import torch
 import zoo
 from zoo import presets
 from zoo.describe import describe
+from zoo.overrides import with_changes
 from zoo.presets.tiny import tiny
 from zoo.specs import (
     LayerOverride,
@@ -182,3 +183,22 @@ def test_describe_flops_per_token_match_a_flop_counter(name):
 def test_describe_flop_check_covers_mha_gqa_and_mla():
     kinds = {b["kind"] for name in PRESETS for b in describe(presets.get(name, tiny=True))["blocks"]}
     assert {"mha", "gqa", "mla", "moe", "mlp"} <= kinds
+
+
+def test_describe_counts_only_the_keys_a_sliding_window_leaves():
+    """Query t sees min(t + 1, W) keys instead of t + 1: each attention's FLOPs per token drop by
+    2 H (Dk + Dv) (sum_t (t + 1) - sum_t min(t + 1, W)) / T; the matrices are unchanged."""
+    spec = presets.get("mixtral", tiny=True)
+    T, W = spec.model.max_seq_len, 5
+    windowed = with_changes(spec, {"model.attention.sliding_window": W})
+    attention = zoo.build(spec).layers[0].attention
+    per_key = 2 * attention.n_heads * 2 * attention.head_dim
+    full_keys, window_keys = sum(t + 1 for t in range(T)), sum(min(t + 1, W) for t in range(T))
+    blocks = list(zip(describe(spec, seq_len=T)["blocks"], describe(windowed, seq_len=T)["blocks"]))
+    assert sum(full["name"].endswith("attention") for full, _ in blocks) == spec.model.n_layers
+    for full, part in blocks:
+        if full["name"].endswith("attention"):
+            assert full["flops_per_token"] - part["flops_per_token"] == (
+                round(per_key * full_keys / T) - round(per_key * window_keys / T))
+        else:
+            assert full == part
