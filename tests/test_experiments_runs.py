@@ -139,7 +139,7 @@ def test_a_run_in_a_precision_the_budget_does_not_allow_is_refused(asked, saved,
 
 
 def test_a_run_folder_this_zoo_cannot_read_is_one_line(tmp_path):
-    """A spec.json this zoo's validators refuse (exp3's top-1 runs saved with norm_topk_prob=True, say)
+    """A spec.json this zoo's validators refuse (a top_k above n_experts, say)
     is one line naming the file and the field, not a pydantic traceback from deep in the runner."""
     from dataclasses import replace
 

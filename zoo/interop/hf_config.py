@@ -24,7 +24,7 @@ from zoo.kinds import kind_of
 from zoo.overrides import SpecError
 from zoo.specs import ModelSpec, RunSpec
 
-__all__ = ["SPECIAL_TOKENS", "SUPPORTED", "family", "hf_config_dict", "hf_format", "read_hf_config",
+__all__ = ["SPECIAL_TOKENS", "SUPPORTED", "family", "hf_config_dict", "read_hf_config",
            "spec_from_hf_config", "transformers_module"]
 
 
@@ -36,7 +36,7 @@ def family(model_type: str) -> Family:
 
 def spec_from_hf_config(config: Any) -> ModelSpec:
     """The ModelSpec of a transformers config of a supported model_type (or anything with its fields)."""
-    fields = family(config.model_type)
+    target = family(config.model_type)
     check_common_fields(config)
     return make(
         ModelSpec, "model fields",
@@ -47,7 +47,7 @@ def spec_from_hf_config(config: Any) -> ModelSpec:
         norm_eps=config.rms_norm_eps,
         tie_embeddings=bool(config.tie_word_embeddings),
         init_std=config.initializer_range,
-        **fields.model_fields(config),
+        **target.model_fields(config),
     )
 
 
@@ -103,11 +103,6 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
         **fields,
         **{name: (special_tokens or {}).get(name) for name in SPECIAL_TOKENS},
     )
-
-
-def hf_format(spec: ModelSpec | RunSpec) -> str:
-    """The HF model_type `spec` is written as."""
-    return _first_format(spec.model if isinstance(spec, RunSpec) else spec)[0]
 
 
 def _first_format(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
