@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 
 from training.checkpoints import tag_for
+from training.memory import format_split, memory_split
 from training.mfu import format_mfu
 from training.observe import Observer
+from training.timing import shares
 from zoo.blocks.moe import RouterStats
 from zoo.checkpoint import CHECKPOINTS
 from zoo.specs import RunSpec
@@ -84,6 +86,17 @@ def closing_line(out: Path, spec: RunSpec, *, start_step: int, tokens_seen: int,
         f"ln V = {math.log(spec.model.vocab_size):.2f}), {wall:.0f} s; checkpoint {final}; "
         f"view: tensorboard --logdir {out.parent}"
     )
+
+
+def time_scalars(seconds: dict[str, float], *, steps: int, wall: float) -> dict[str, float]:
+    """time/PHASE: seconds per optimizer step over the last `steps` steps; time/step: their wall time."""
+    per = max(steps, 1)
+    return {"time/step": wall / per, **{f"time/{name}": value / per for name, value in seconds.items()}}
+
+
+def time_line(totals: dict[str, float], wall: float, engine, device) -> str:
+    """Each phase's share of the run's wall time, and the peak memory split (training/memory.py)."""
+    return f"time: {wall:.0f} s: {shares(totals, wall)}; {format_split(memory_split(engine, device))}"
 
 
 def hparams(spec: RunSpec) -> dict:

@@ -134,8 +134,12 @@ class TrainSpec(Spec):
     steps: int = Field(200, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    muon_lr: float = Field(0.02, gt=0.0)
-    adam_lr: float = Field(3e-3, gt=0.0)
+    optimizer: Literal["muon", "adamw"] = Field(
+        "muon", description="muon: Muon (muon_lr) for hidden matrices, AdamW (adam_lr) for embeddings, head, "
+                            "routers, norms and biases; adamw: every parameter on AdamW at adam_lr")
+    muon_lr: float = Field(0.02, gt=0.0, description="Muon's peak LR (train.optimizer=muon)")
+    adam_lr: float = Field(3e-3, gt=0.0, description="AdamW's peak LR: the non-Muon parameters, or all of them "
+                                                     "under train.optimizer=adamw")
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
