@@ -51,6 +51,13 @@ def memory_split(engine, device: torch.device) -> dict[str, int]:
     return split
 
 
+def checkpoint_bytes(engine) -> int:
+    """About what one checkpoint writes: the weights (master copies included) and optimizer states, and
+    the run folder's copy of the weights."""
+    split = memory_split(engine, torch.device("cpu"))
+    return split["weights"] + split["optimizer_states"] + sum(p.numel() * 4 for p in engine.module.parameters())
+
+
 def format_split(split: dict[str, int]) -> str:
     gb = {name: value / 1e9 for name, value in split.items()}
     return (f"peak memory {gb['peak']:.2f} GB: weights {gb['weights']:.2f}, gradients {gb['gradients']:.2f}, "

@@ -38,6 +38,7 @@ from training import checkpoints, report, startup
 from training.allocator import retain_freed_memory
 from training.data import DataError, TrainBatches, Tokenizer
 from training.engine import unreported_grad_norm
+from training.memory import checkpoint_bytes
 from training.errors import TrainingError
 from training.mfu import MFU_ABOVE_PEAK_NOTE, BusyPeakWarning, mfu as model_flops_utilisation, peak_flops
 from training.observe import Observer
@@ -108,7 +109,7 @@ def train(args: argparse.Namespace) -> int:
         for step in range(plan.start_step, spec.train.steps):
             if _one_step(run, step):
                 return 0
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, checkpoints.CheckpointWriteError) as err:
         run.observer.close()
         last = latest_tag(out)
         print(f"training: stopped: {err}; last good checkpoint: {out / CHECKPOINTS / last if last else 'none'}",
@@ -176,8 +177,14 @@ def _one_step(run: _Run, step: int) -> bool:
     stopping = result.signalled or done == plan.stop_after
     if done % spec.train.ckpt_every == 0 or done == spec.train.steps or stopping:
         with run.timer.phase("checkpoint"):
-            _save(run.engine, plan.out, done, run.tokens_seen, run.train_batches, spec, run.tokenizer,
-                  plan.ranks.rank == 0)
+            try:
+                _save(run.engine, plan.out, done, run.tokens_seen, run.train_batches, spec, run.tokenizer,
+                      plan.ranks.rank == 0)
+            except Exception as err:  # torch.save, safetensors and the OS each word a full disk their own way
+                stop = checkpoints.no_room(err, plan.out, done, checkpoint_bytes(run.engine))
+                if stop is None:
+                    raise
+                raise stop from None
     if stopping and done < spec.train.steps:
         # Every rank takes this branch alike (result.signalled is all-reduced), so the collective is safe.
         reason = f"signal {_agreed_signal(run.stop.signum, plan.ranks.device)}" if result.signalled else "--stop-after"
