@@ -64,24 +64,32 @@ def newton_schulz_flops(shape: tuple[int, ...], method: str) -> float:
     return count * NS_STEPS * (2 * 2 * n * n * m + 2 * n**3)
 
 
-def orthogonalise(updates: list[torch.Tensor], method: str) -> list[torch.Tensor]:
-    """Each update's Newton-Schulz orthogonalisation times sqrt(max(1, rows / cols)), as DeepSpeed's
-    `muon_update` returns it; a 3-D update is a stack of matrices (experts), each done on its own."""
-    shapes: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
-    for index, update in enumerate(updates):
-        matrices = update.reshape(-1, *update.shape[-2:])
-        wide = matrices if matrices.size(-2) <= matrices.size(-1) else matrices.mT
-        shapes[tuple(wide.shape[-2:])].append((index, wide))
-    results: list[torch.Tensor | None] = [None] * len(updates)
+def orthogonalise_into(pairs: list[tuple[torch.Tensor, torch.Tensor]], method: str) -> None:
+    """For each (update, out): out = the Newton-Schulz orthogonalisation of update times
+    sqrt(max(1, rows / cols)), as DeepSpeed's `muon_update` returns it; a 3-D update is a stack of
+    matrices (experts), each done on its own. Matrices of one wide shape go through in batches of
+    BATCH, so the temporaries stay a batch's size whatever the model's."""
+    shapes: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor, float]]] = defaultdict(list)
+    for update, out in pairs:
+        rows, cols = update.shape[-2:]
+        scale = math.sqrt(rows / cols) if rows > cols else 1.0
+        for matrix, target in zip(update.reshape(-1, rows, cols), out.view(-1, rows, cols)):
+            if rows > cols:
+                matrix, target = matrix.mT, target.mT
+            shapes[tuple(matrix.shape)].append((matrix, target, scale))
     for members in shapes.values():
-        stack = torch.cat([wide for _, wide in members])
-        done = torch.cat([newton_schulz(part, method) for part in stack.split(BATCH)])
-        for (index, wide), out in zip(members, done.split([w.shape[0] for _, w in members])):
-            update = updates[index]
-            rows, cols = update.shape[-2:]
-            out = out if rows <= cols else out.mT
-            results[index] = (out * math.sqrt(rows / cols) if rows > cols else out).reshape(update.shape)
-    return results
+        for start in range(0, len(members), BATCH):
+            batch = members[start:start + BATCH]
+            done = newton_schulz(torch.stack([matrix for matrix, _, _ in batch]), method)
+            for (_, target, scale), result in zip(batch, done):
+                target.copy_(result * scale if scale != 1.0 else result)
+
+
+def orthogonalise(updates: list[torch.Tensor], method: str) -> list[torch.Tensor]:
+    """`orthogonalise_into` with new output tensors."""
+    outs = [torch.empty_like(update) for update in updates]
+    orthogonalise_into(list(zip(updates, outs)), method)
+    return outs
 
 
 class DeferredMuon:
@@ -104,9 +112,7 @@ class DeferredMuon:
         return out
 
     def run(self) -> None:
-        updates = [update for update, _ in self.pending]
-        for (_, out), result in zip(self.pending, orthogonalise(updates, self.method)):
-            out.copy_(result)
+        orthogonalise_into(self.pending, self.method)
         self.pending = []
 
     def flops(self) -> float:
