@@ -93,9 +93,11 @@ def test_the_context_is_the_models_max_seq_len_and_an_error_names_the_limit(run,
     between = ids[:spec.data.seq_len + 20]
     (logprob, _), = lm._loglikelihood_tokens([(None, [tokenizer.eos_id], between)], disable_tqdm=True)
     assert logprob == pytest.approx(_score(model, [tokenizer.eos_id], between), abs=LOGPROB_TOL)
-    with pytest.raises(EvalError, match=rf"{MAX_LEN + 1} tokens cannot be scored: the limit is {MAX_LEN} tokens, "
-                                        r"the model's context \(model.max_seq_len of "):
-        lm._loglikelihood_tokens([(None, [tokenizer.eos_id], ids[:MAX_LEN + 1])], disable_tqdm=True)
+    requests = [(None, [tokenizer.eos_id], ids[:MAX_LEN + 1]), (None, [tokenizer.eos_id], between)]
+    with pytest.raises(EvalError, match=rf"1 of 2 requests have a continuation longer than the limit \(the longest: "
+                                        rf"{MAX_LEN + 1} tokens\), which cannot be scored: the limit is {MAX_LEN} "
+                                        r"tokens, the model's context \(model.max_seq_len of "):
+        lm._loglikelihood_tokens(requests, disable_tqdm=True)
     shorter = ZooLM(str(run_dir), max_length=spec.data.seq_len)
     with pytest.raises(EvalError, match=rf"the limit is {spec.data.seq_len} tokens, the max_length asked for "
                                         rf"\(zoo eval --max-length\); raise it up to {MAX_LEN}"):

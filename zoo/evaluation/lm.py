@@ -153,17 +153,20 @@ class ZooLM(TemplateLM):
         def shared_prefix(req):  # one-token continuations after the same context are scored once
             return req[-2] + req[-1][:-1]
 
+        # Checked before any scoring: an item that cannot be scored stops the run before it spends time.
+        if any(not continuation for _, _, continuation in requests):
+            raise EvalError("a request has an empty continuation: nothing to score")
+        longest = max((len(continuation) for _, _, continuation in requests), default=0)
+        if longest > self.max_length:
+            too_long = sum(len(continuation) > self.max_length for _, _, continuation in requests)
+            raise EvalError(f"{too_long} of {len(requests)} requests have a continuation longer than the limit (the "
+                            f"longest: {longest} tokens), which cannot be scored: the limit is {self._limit}")
         reordered = Collator(requests, sort_fn=longest_first, group_by="contexts", group_fn=shared_prefix)
         results = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="zoo loglikelihood")
         for chunk in reordered.get_batched(n=self.batch_size):
             inputs, input_lens = [], []
             for _, context, continuation in chunk:
-                if not continuation:
-                    raise EvalError("a request has an empty continuation: nothing to score")
-                if len(continuation) > self.max_length:
-                    raise EvalError(f"a continuation of {len(continuation)} tokens cannot be scored: the limit is "
-                                    f"{self._limit}")
                 # Left-truncate to the context window; the last token is only ever a target.
                 inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
                 input_lens.append(len(inputs[-1]))
