@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -110,8 +111,9 @@ def small_registry(manager, monkeypatch):
 def test_cli_eval_scores_any_task_from_a_local_file(run, lm, manager, small_registry, tmp_path, capsys):
     """SciQ and WinoGrande, as in the acceptance command: lm-eval's table, and the numbers the zoo class
     gives on the same tasks in this process."""
-    output = tmp_path / "results.json"
-    assert main(["eval", str(run[0]), "--tasks", "sciq,winogrande", "--data-file", f"sciq={SCIQ}",
+    output, run_dir = tmp_path / "results.json", tmp_path / "run"
+    shutil.copytree(run[0], run_dir)  # its TensorBoard log is this test's, not the module's run folder's
+    assert main(["eval", str(run_dir), "--tasks", "sciq,winogrande", "--data-file", f"sciq={SCIQ}",
                  "--data-file", f"winogrande={WINOGRANDE}", "--limit", "8", "--output", str(output)]) == 0
     table = capsys.readouterr().out
     assert "|Tasks|Version|Filter|n-shot|Metric|" in table.replace(" ", "")  # lm-eval's make_table
