@@ -28,6 +28,7 @@ from _evaluation import (  # noqa: E402, F401  (fixtures)
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+CLI_ITEMS = 4  # items per task in the in-process CLI test (the cross-check compares N_ITEMS)
 
 
 # ----------------------------------------------------------------------------- HellaSwag vs lm-eval's task
@@ -114,15 +115,15 @@ def test_cli_eval_scores_any_task_from_a_local_file(run, lm, manager, small_regi
     output, run_dir = tmp_path / "results.json", tmp_path / "run"
     shutil.copytree(run[0], run_dir)  # its TensorBoard log is this test's, not the module's run folder's
     assert main(["eval", str(run_dir), "--tasks", "sciq,winogrande", "--data-file", f"sciq={SCIQ}",
-                 "--data-file", f"winogrande={WINOGRANDE}", "--limit", "8", "--output", str(output)]) == 0
+                 "--data-file", f"winogrande={WINOGRANDE}", "--limit", str(CLI_ITEMS), "--output", str(output)]) == 0
     table = capsys.readouterr().out
     assert "|Tasks|Version|Filter|n-shot|Metric|" in table.replace(" ", "")  # lm-eval's make_table
     for word in ("sciq", "winogrande", "acc_norm"):
         assert word in table
     record = json.loads(output.read_text())
     for name, path in (("sciq", SCIQ), ("winogrande", WINOGRANDE)):
-        theirs = _evaluate(lm, local_task(name, path, manager=manager), limit=8)["results"][name]
-        assert record["tasks"][name]["n"] == 8 and record["tasks"][name]["acc"] == theirs["acc,none"]
+        theirs = _evaluate(lm, local_task(name, path, manager=manager), limit=CLI_ITEMS)["results"][name]
+        assert record["tasks"][name]["n"] == CLI_ITEMS and record["tasks"][name]["acc"] == theirs["acc,none"]
 
 
 @pytest.mark.slow  # a subprocess, and lm-eval's whole task index (seconds to build)
