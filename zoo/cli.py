@@ -124,8 +124,12 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from zoo.interop.hf import export_hf
+    from zoo.tokenizer import TokenizerError
 
-    print("\n".join(export_hf(args.run_dir, args.out)))
+    try:
+        print("\n".join(export_hf(args.run_dir, args.out)))
+    except TokenizerError as err:
+        raise UsageError(str(err)) from None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -143,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         data_files[name] = path
     try:
         eval_run(args.run_dir, tasks=tasks, data_files=data_files, limit=args.limit, ppl=args.ppl,
-                 batch_size=args.batch_size, output=args.output, step=args.step)
+                 batch_size=args.batch_size, max_length=args.max_length, output=args.output, step=args.step)
     except (EvalError, RunError, TokenizerError) as err:
         raise UsageError(str(err)) from None
 
@@ -229,10 +233,14 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a run folder: spec.json, model.safetensors, tokenizer.model")
     ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, e.g. hellaswag,lambada_openai")
     ev.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
-                    help="read TASK from a local JSON-lines file instead of the hub (hellaswag, lambada_openai)")
+                    help="read the split lm-eval's TASK evaluates from a local .jsonl, .json or .parquet file "
+                         "instead of the hub (any task whose documents come from one split)")
     ev.add_argument("--limit", type=int, default=None, help="the first N items of each task (documents for --ppl)")
     ev.add_argument("--ppl", metavar="PATH", default=None, help="perplexity of a held-out text/JSONL file")
     ev.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 16)")
+    ev.add_argument("--max-length", type=int, default=None,
+                    help="the context in tokens (default: the model's max_seq_len; e.g. data.seq_len to score at "
+                         "the training length)")
     ev.add_argument("--output", default=None, help="the JSON file to write (default RUN_DIR/eval/eval-<time>.json)")
     ev.add_argument("--step", type=int, default=None,
                     help="the TensorBoard step to log the scores at (default: the run's latest checkpoint step)")

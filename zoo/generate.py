@@ -44,8 +44,22 @@ class RunError(ValueError):
 def load_run(run_dir: str | Path, *, dtype: torch.dtype = torch.float32):
     """(model in eval mode, RunSpec, tokenizer) from a run folder: spec.json + model.safetensors
     (zoo.checkpoint) + tokenizer.model (zoo.tokenizer.Tokenizer, the tokenizer the run trained with)."""
-    from zoo.tokenizer import TOKENIZER_FILENAME, Tokenizer
     from zoo.checkpoint import load_run_folder
+    from zoo.tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    check_run_folder(run_dir)
+    model, spec = load_run_folder(run_dir, dtype=dtype)
+    tokenizer = Tokenizer.load(run_dir)
+    if tokenizer.vocab_size > spec.model.vocab_size:
+        raise RunError(f"{run_dir}: tokenizer.model has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+                       f"{spec.model.vocab_size}: the tokenizer does not belong to this model")
+    return model, spec, tokenizer
+
+
+def check_run_folder(run_dir: str | Path) -> None:
+    """RunError unless `run_dir` is a folder with the run's tokenizer (checked before slower work)."""
+    from zoo.tokenizer import TOKENIZER_FILENAME
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -53,12 +67,6 @@ def load_run(run_dir: str | Path, *, dtype: torch.dtype = torch.float32):
     if not (run_dir / TOKENIZER_FILENAME).is_file():
         raise RunError(f"run folder {run_dir} has no {TOKENIZER_FILENAME}: evaluation and generation need the "
                        "run's SentencePiece tokenizer (training writes it with Tokenizer.save(run_dir))")
-    model, spec = load_run_folder(run_dir, dtype=dtype)
-    tokenizer = Tokenizer.load(run_dir)
-    if tokenizer.vocab_size > spec.model.vocab_size:
-        raise RunError(f"{run_dir}: tokenizer.model has {tokenizer.vocab_size} pieces but the model's vocab_size is "
-                       f"{spec.model.vocab_size}: the tokenizer does not belong to this model")
-    return model, spec, tokenizer
 
 
 @dataclass(frozen=True)

@@ -147,25 +147,34 @@ def import_hf(source: str | Path, run_dir: str | Path) -> list[str]:
 
 
 def export_hf(run_dir: str | Path, out: str | Path) -> list[str]:
-    """`zoo export-hf`: a run folder -> a transformers directory (with hf_tokenizer/'s files, if any)."""
+    """`zoo export-hf`: a run folder -> a transformers directory with a tokenizer: the run's SentencePiece
+    model converted (zoo.interop.hf_tokenizer), else hf_tokenizer/'s files, if any."""
     from zoo.checkpoint import load_run_folder
+    from zoo.interop.hf_tokenizer import special_token_ids, write_hf_tokenizer
+    from zoo.tokenizer import TOKENIZER_FILENAME, Tokenizer
 
     run_dir, out = Path(run_dir), Path(out)
     model, run = load_run_folder(run_dir)
     tokenizer_dir = run_dir / HF_TOKENIZER_DIR
+    tokenizer = Tokenizer.load(run_dir) if (run_dir / TOKENIZER_FILENAME).is_file() else None
     special_tokens = None
     generation = tokenizer_dir / "generation_config.json"
-    if generation.is_file():
+    if tokenizer is not None:
+        special_tokens = special_token_ids(tokenizer)
+    elif generation.is_file():
         special_tokens = {k: v for k, v in json.loads(generation.read_text()).items() if k in SPECIAL_TOKENS}
     to_hf(model, run.model, out, special_tokens=special_tokens)
     kind = json.loads((out / "config.json").read_text())["model_type"]
     lines = [f"exported {run_dir} as {kind} to {out} (AutoModelForCausalLM.from_pretrained loads it)"]
-    if tokenizer_dir.is_dir():
+    if tokenizer is not None:
+        written = write_hf_tokenizer(tokenizer, out, model_max_length=run.model.max_seq_len)
+        lines.append(f"wrote the run's tokenizer as {', '.join(written)} (AutoTokenizer.from_pretrained loads it)")
+    elif tokenizer_dir.is_dir():
         copied = [p.name for p in sorted(tokenizer_dir.iterdir()) if p.is_file() and p.name != "generation_config.json"]
         for name in copied:
             shutil.copy2(tokenizer_dir / name, out / name)
         if copied:
             lines.append(f"copied tokenizer files {', '.join(copied)}")
     else:
-        lines.append("no hf_tokenizer/ in the run folder: the export has no tokenizer files")
+        lines.append(f"no {TOKENIZER_FILENAME} or {HF_TOKENIZER_DIR}/ in the run folder: the export has no tokenizer files")
     return lines
