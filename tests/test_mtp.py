@@ -10,7 +10,8 @@ import zoo
 from zoo import presets
 from zoo.blocks.lm_loss import linear_cross_entropy
 from zoo.blocks.moe import MoE
-from zoo.overrides import SpecError, apply_sets, with_changes
+from zoo.cli import main
+from zoo.overrides import SpecError, apply_sets, diff, with_changes
 
 T = 24
 FP32_TOL = 1e-5  # the same math on different shapes: fp32 rounding only
@@ -81,7 +82,8 @@ def test_mtp_leaves_the_main_model_alone_and_its_loss_decomposes():
     ids = torch.randint(0, spec.vocab_size, (2, T))
     ref, out = plain(ids, labels=ids), model(ids, labels=ids)
     assert torch.equal(out.logits, ref.logits) and torch.equal(out.ce_loss, ref.ce_loss)
-    assert out.mtp_losses.shape == (2,) and [tuple(x.shape) for x in out.mtp_logits] == [(2, T - 1, 512), (2, T - 2, 512)]
+    assert out.mtp_losses.shape == (2,)
+    assert [tuple(x.shape) for x in out.mtp_logits] == [(2, T - 1, spec.vocab_size), (2, T - 2, spec.vocab_size)]
     for k, logits in enumerate(out.mtp_logits, start=1):
         expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, k + 1:].flatten())
         torch.testing.assert_close(out.mtp_losses[k - 1], expected, rtol=0, atol=1e-6)
@@ -134,7 +136,14 @@ def test_cached_mtp_step_equals_the_full_one():
     torch.testing.assert_close(again, full[:, 12:], atol=FP32_TOL, rtol=0)
 
 
-def test_bad_mtp_settings_are_refused_naming_the_field():
+def test_the_mtp_preset_is_the_default_plus_the_mtp_section():
+    assert diff(presets.get("deepseek_glm4"), presets.get("deepseek_glm4_mtp")) == [("model.mtp.depth", 0, 1)]
+
+
+def test_bad_mtp_settings_are_refused_naming_the_field(capsys):
+    assert main(["show", "deepseek_glm4_mtp", "--set", "model.mtp.depth=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo: error:") and "model.mtp.depth" in err and err.count("\n") == 1, err
     spec = presets.get("deepseek_glm4", tiny=True)
     with pytest.raises(SpecError, match=r"model\.mtp\.depth"):
         apply_sets(spec, ["model.mtp.depth=-1"])

@@ -13,6 +13,11 @@ Conventions:
 - KV-cache bytes per token in bf16: MHA/GQA cache K and V for their kv heads; MLA caches only the
   latent (kv_lora_rank) and the shared rotary key (qk_rope_head_dim).
 
+- multi-token-prediction modules: counted in the totals (what training runs) and apart under "mtp"
+  (what decoding without them drops): eh_proj, the block, the norms, and the head's FLOPs (its
+  parameters only where it is the module's own), per token at the same T. The KV-cache total is the
+  main model's; an MTP block caches only while drafting (its rows say how much).
+
 Each layer's attention and FFN are counted by their kind's `describe` rule (zoo/kinds/).
 """
 
@@ -100,7 +105,8 @@ def _mtp_rows(model, k: int, module, layer_spec, seq_len: int) -> list[BlockRow]
     eh = numel(module.eh_proj)
     norms = sum(numel(m) for m in (module.enorm, module.hnorm, module.norm, module.block.attention_norm,
                                    module.block.ffn_norm))
-    rows = [BlockRow(f"{name}.eh_proj", "linear", eh, eh, 2 * eh), *_block_rows(name, module.block, layer_spec, seq_len),
+    rows = [BlockRow(f"{name}.eh_proj", "linear", eh, eh, 2 * eh),
+            *_block_rows(name, module.block, layer_spec, seq_len),
             BlockRow(f"{name}.norms", "rmsnorm", norms, norms, 0)]
     if module.embed is not None:
         rows.append(BlockRow(f"{name}.embed", "embedding", numel(module.embed), numel(module.embed), 0))
@@ -126,11 +132,12 @@ def format_description(info: dict) -> str:
         return f"; main model {human(info[total] - mtp[key])} + MTP modules {human(mtp[key])}"
 
     lines = [
-        f"total parameters        {info['total_params']:>14,}  ({human(info['total_params'])}{apart('total_params', 'params')})",
+        f"total parameters        {info['total_params']:>14,}  ({human(info['total_params'])}"
+        f"{apart('total_params', 'params')})",
         f"active per token        {info['active_params']:>14,}  ({human(info['active_params'])}"
         f"{apart('active_params', 'active_params')})",
-        f"forward FLOPs per token {info['flops_per_token']:>14,}  ({human(info['flops_per_token'])}, T={info['seq_len']}"
-        f"{apart('flops_per_token', 'flops_per_token')})",
+        f"forward FLOPs per token {info['flops_per_token']:>14,}  ({human(info['flops_per_token'])}, "
+        f"T={info['seq_len']}{apart('flops_per_token', 'flops_per_token')})",
         f"KV cache per token      {info['kv_cache_bytes_per_token']:>14,} B  (bf16; an MHA with the same heads: "
         f"{info['kv_cache_bytes_per_token_mha_equivalent']:,} B)",
         *([f"MTP modules             {mtp['depth']:>14}    (training pays for them; decoding drops them, or drafts "

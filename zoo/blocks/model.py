@@ -32,10 +32,10 @@ IGNORE_INDEX = -100
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor | None  # (B, T, V); None when forward(return_logits=False) computed a loss
-    loss: torch.Tensor | None  # ce_loss + aux_loss (+ mtp_loss_weight x mtp_losses.mean()), when labels are given
+    loss: torch.Tensor | None  # ce_loss + aux_loss (+ mtp_loss_weight x mtp_losses.mean()), with labels
     ce_loss: torch.Tensor | None  # the main model's next-token cross-entropy
     aux_loss: torch.Tensor  # sum over MoE layers, the MTP modules' included (0 for a dense model)
-    router_stats: dict[int, RouterStats] = field(default_factory=dict)  # layer index -> stats (MTP: n_layers + k - 1)
+    router_stats: dict[int, RouterStats] = field(default_factory=dict)  # block index (blocks()) -> stats
     hidden: torch.Tensor | None = None  # (B, T, D): the final norm's output, what the head reads
     mtp_losses: torch.Tensor | None = None  # (depth,): each MTP module's cross-entropy, with labels
     mtp_logits: list[torch.Tensor] | None = None  # module k's (B, T - k, V), with labels and logits
@@ -84,7 +84,7 @@ class DecoderLM(nn.Module):
         return KVCache(len(self.layers), capacity)
 
     def blocks(self) -> list[nn.Module]:
-        """The transformer blocks: the layers, then each MTP module's (numbered on, as released checkpoints do)."""
+        """The transformer blocks: the layers, then each MTP module's (numbered on, as checkpoints number them)."""
         return [*self.layers, *(module.block for module in self.mtp)]
 
     def moe_layers(self) -> dict[int, MoE]:
@@ -150,9 +150,9 @@ class DecoderLM(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss, ce_loss=ce_loss, aux_loss=aux_loss, router_stats=stats,
                               hidden=h, mtp_losses=mtp_losses, mtp_logits=mtp_logits)
 
-    def mtp_step(self, k: int, h_prev_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions: torch.Tensor | None = None,
-                 cache: LayerCache | None = None) -> torch.Tensor:
-        """MTP module k (1-based) on depth k-1's hidden at positions t and the ids of tokens t+k: its hidden h^k."""
+    def mtp_step(self, k: int, h_prev_BTD: torch.Tensor, next_ids_BT: torch.Tensor,
+                 positions: torch.Tensor | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+        """MTP module k (1-based) on depth k-1's hidden at positions t and the ids of tokens t+k: its h^k."""
         e_BTD = self.mtp_embedding(k)(next_ids_BT)
         return self.mtp[k - 1](h_prev_BTD, e_BTD, positions, cache)
 

@@ -104,16 +104,16 @@ def check_exportable(spec: ModelSpec) -> None:
     layers = spec.layer_specs()
     where = f"model.mtp.depth={spec.mtp.depth}"
     if any(layer.attention != spec.attention for layer in layers):
-        raise SpecError(f"{where}: the MTP modules use model.attention, which model.overrides replace in the layers; "
-                        f"deepseek_v3 and glm4_moe have one attention for every layer, the MTP layers included: export without "
-                        "the overrides, or set model.mtp.depth=0")
+        raise SpecError(f"{where}: the MTP modules use model.attention, which model.overrides replace in the "
+                        "layers; deepseek_v3 and glm4_moe have one attention for every layer, the MTP layers "
+                        "included: export without the overrides, or set model.mtp.depth=0")
     moe = [layer.ffn for layer in layers if isinstance(layer.ffn, MoESpec)]
     fits = spec.ffn == moe[-1] if moe else (spec.ffn == layers[0].ffn or isinstance(spec.ffn, MoESpec))
     if not fits:
         kind = "MLP" if isinstance(spec.ffn, MLPSpec) else spec.ffn.kind
         raise SpecError(f"{where}: the MTP modules use model.ffn ({kind}), which breaks the layout deepseek_v3 "
-                        "and glm4_moe have (dense layers first, then one MoE for every later layer, the MTP layers included): "
-                        "make model.ffn the last layer's FFN, or set model.mtp.depth=0")
+                        "and glm4_moe have (dense layers first, then one MoE for every later layer, the MTP layers "
+                        "included): make model.ffn the last layer's FFN, or set model.mtp.depth=0")
 
 
 def shared_copies(model, spec: ModelSpec) -> dict[str, torch.Tensor]:
