@@ -34,7 +34,7 @@ def optimizer_groups(model: nn.Module, spec: RunSpec, device: torch.device | Non
     # fallback measured 1.8x slower); on one without, bf16 matmuls crawl, and gram in fp32 is the choice.
     on_cpu = device is None or device.type == "cpu"
     ns_method = "standard" if on_cpu and cpu_has_native_bf16() else "gram"
-    special = {id(model.embed.weight), id(model.lm_head.weight)}
+    special = {id(p) for p in model.vocab_parameters()}  # embeddings and heads, the MTP modules' own too
     routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
     muon, adam, adam_no_decay = [], [], []
     for param in model.parameters():

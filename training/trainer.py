@@ -213,18 +213,19 @@ def _update(run: _Run, step: int) -> StepStats:
         loads[layer] = load.float()
     if applied:  # a skipped update leaves the weights, so the biases stay too
         engine.module.update_routing_biases({i: loads[i] for i in run.biased})
-    loss, ce, aux = (packed[sum(sizes):sum(sizes) + 3] / (spec.train.grad_accum * ranks.world_size)).tolist()
+    loss, ce, aux, *mtp = (packed[sum(sizes):-1] / (spec.train.grad_accum * ranks.world_size)).tolist()
     tokens = spec.train.micro_batch_size * spec.train.grad_accum * ranks.world_size * spec.data.seq_len
     return StepStats(loss, ce, aux, grad_norm, lrs, stats, loads, tokens, seconds=time.perf_counter() - t0,
-                     signalled=packed[-1].item() > 0)
+                     signalled=packed[-1].item() > 0, mtp=mtp)
 
 
 def _accumulate(run: _Run, step: int) -> tuple[torch.Tensor, dict, dict, dict[str, float], torch.Tensor | None]:
     """Forward and backward of each micro-batch, engine.step() after each (DeepSpeed updates after the last).
-    The summed (loss, ce, aux), each MoE layer's summed loads and last stats, the LRs the update used, and
-    the gradient norm where DeepSpeed reports none (unreported_grad_norm), checked before the update."""
+    The summed (loss, ce, aux, each MTP depth's ce), each MoE layer's summed loads and last stats, the LRs
+    the update used, and the gradient norm where DeepSpeed reports none (unreported_grad_norm), checked
+    before the update."""
     spec, engine, device, phase = run.plan.spec, run.engine, run.plan.ranks.device, run.timer.phase
-    sums, loads, stats = torch.zeros(3, dtype=torch.float64, device=device), {}, {}
+    sums, loads, stats = torch.zeros(3 + spec.model.mtp.depth, dtype=torch.float64, device=device), {}, {}
     for micro in range(spec.train.grad_accum):
         with phase("data"):
             batch = next(run.train_batches).to(device)
@@ -241,7 +242,7 @@ def _accumulate(run: _Run, step: int) -> tuple[torch.Tensor, dict, dict, dict[st
                 _check_grad_norm(own_norm, spec, step + 1, applied=False)  # before the update
         with phase("optimizer"):
             _step(engine, step + 1)
-        sums += torch.stack([result.loss.detach(), result.ce_loss.detach(), result.aux_loss.detach()]).double()
+        sums += report.loss_terms(result)
         for layer, s in result.router_stats.items():
             loads[layer] = loads.get(layer, 0) + s.load_E
             stats[layer] = s
@@ -271,7 +272,7 @@ def _validate(run: _Run, step: int) -> None:
         hellaswag = f", HellaSwag acc_norm {scores['acc_norm']:.3f} (n={scores['n']})"  # items scored
     run.observer.scalars(step, val)
     run.observer.message(f"step {step}: val loss {val['val/loss']:.4f} ppl {val['val/ppl']:.1f} "
-                         f"acc {val['val/acc']:.3f}{hellaswag}")
+                         f"acc {val['val/acc']:.3f}{report.mtp_validation(val)}{hellaswag}")
     run.val = val
 
 

@@ -11,12 +11,15 @@ format from the spec's attention kind. Parity means the forward pass: transforme
 Split in three: `hf_config` maps config.json to and from a ModelSpec, `hf_weights` maps tensor names
 and layouts (the name map is in its docstring), and this module puts them together.
 
-Not carried over, by design: training-only fields (the routing-bias update rate and the sequence-wise
-auxiliary loss: import takes the spec defaults, export drops them); multi-token-prediction layers
-(`model.layers.{num_hidden_layers}.*` in released DeepSeek-V3/GLM-4.5 checkpoints: dropped on import,
-none written); `num_key_value_heads` of a `deepseek_v3` config (MLA gives every head its own key, the
-field changes no weight; export writes n_heads). Anything else either format can say and the other
-cannot is an error naming the field.
+Multi-token-prediction modules (`model.mtp`) are the layers after the last, as the released
+DeepSeek-V3 / GLM-4.5 checkpoints store them (`zoo.interop.hf_mtp`): read on import, written on export;
+`to_hf_model` leaves them out (transformers has no MTP modules).
+
+Not carried over, by design: training-only fields (the routing-bias update rate, the sequence-wise
+auxiliary loss and the MTP loss weight: import takes the spec defaults, export drops them);
+`num_key_value_heads` of a `deepseek_v3` config (MLA gives every head its own key, the field changes
+no weight; export writes n_heads). Anything else either format can say and the other cannot is an
+error naming the field.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from zoo.interop.hf_config import (  # noqa: F401  (spec_from_hf_config: part of
     spec_from_hf_config,
     transformers_module,
 )
+from zoo.interop.hf_mtp import is_mtp_key, spec_from_checkpoint
 from zoo.interop.hf_weights import SafetensorsDir, hf_tensors, load_hf_weights, write_safetensors
 from zoo.overrides import SpecError
 from zoo.specs import DataSpec, ModelSpec, RunSpec
@@ -55,9 +59,10 @@ def from_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[De
     """Read a transformers directory of model_type deepseek_v3 or glm4_moe: (model in eval mode, spec)."""
     path = Path(path)
     config = read_hf_config(path)
-    spec = spec_from_hf_config(config)
+    tensors = SafetensorsDir(path)
+    spec = spec_from_checkpoint(config, tensors)
     model = build(spec).to(dtype)
-    load_hf_weights(model, spec, config.model_type, SafetensorsDir(path))
+    load_hf_weights(model, spec, config.model_type, tensors)
     return model.eval(), spec
 
 
@@ -108,9 +113,10 @@ def to_hf_model(model: nn.Module, spec: ModelSpec | RunSpec, **from_config_kwarg
     weight = model.embed.weight
     hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=weight.dtype, **from_config_kwargs)
     hf_model.to(weight.device)
-    missing, unexpected = hf_model.load_state_dict(
-        hf_tensors(model, spec, fields["model_type"], stacked=True), strict=False
-    )
+    # transformers has no MTP modules: the model it builds is the main one
+    tensors = {k: v for k, v in hf_tensors(model, spec, fields["model_type"], stacked=True).items()
+               if not is_mtp_key(k, spec.n_layers)}
+    missing, unexpected = hf_model.load_state_dict(tensors, strict=False)
     missing = [name for name in missing if not (spec.tie_embeddings and name == "lm_head.weight")]
     if missing or unexpected:
         raise SpecError(f"to_hf_model: weights that do not map: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -132,7 +138,9 @@ def import_hf(source: str | Path, run_dir: str | Path) -> list[str]:
     save_run_folder(model, RunSpec(model=spec, data=data), run_dir)
     kind = hf_format(spec.attention)
     n_params = sum(p.numel() for p in model.parameters())
-    lines = [f"imported {kind} ({spec.n_layers} layers, {n_params / 1e6:.2f}M parameters) from {source} into {run_dir}"]
+    mtp = f", {spec.mtp.depth} MTP module{'s' if spec.mtp.depth > 1 else ''}" if spec.mtp.depth else ""
+    lines = [f"imported {kind} ({spec.n_layers} layers{mtp}, {n_params / 1e6:.2f}M parameters) from {source} "
+             f"into {run_dir}"]
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     if copied:
         (run_dir / HF_TOKENIZER_DIR).mkdir(exist_ok=True)

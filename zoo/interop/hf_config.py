@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from zoo.blocks.rope import yarn_mscale
+from zoo.interop.hf_mtp import check_exportable
 from zoo.kinds import Spec, kind_of, kinds
 from zoo.overrides import SpecError
 from zoo.specs import (
@@ -302,7 +303,7 @@ def hf_config_dict(spec: ModelSpec | RunSpec, *, special_tokens: dict[str, Any] 
         initializer_range=spec.init_std,
         hidden_act="silu",
         attention_dropout=0.0,
-        num_nextn_predict_layers=0,  # no multi-token-prediction layers
+        num_nextn_predict_layers=spec.mtp.depth,  # zoo.interop.hf_mtp
         **fields,
         **moe_fields,
         **{name: (special_tokens or {}).get(name) for name in SPECIAL_TOKENS},
@@ -326,7 +327,8 @@ def _kinds_in(slot: str, model_type: str) -> str:
 def _uniform_layout(spec: ModelSpec) -> tuple[str, MHASpec | MLASpec, int, MLPSpec | None, MoESpec | None]:
     """(HF model_type, attention, number of leading dense layers, their MLP, the MoE of the rest): the only
     layouts the HF formats have. Overrides are fine as long as the resolved layers still fit it."""
-    layers = spec.layer_specs()
+    check_exportable(spec)
+    layers = spec.layer_specs() + spec.mtp_layer_specs()  # the MTP layers follow the last one (hf_mtp)
     cause = "model.overrides" if spec.overrides else "model.first_k_dense / model.dense_ffn / model.ffn"
     attention = layers[0].attention
     for index, layer in enumerate(layers):
