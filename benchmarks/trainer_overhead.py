@@ -14,6 +14,7 @@ after a warm-up, and the medians are reported:
   autocast to the trainer's precision, then one fused torch AdamW step (benchmarks/train_step.py's
   step).
 
+`--per-matrix` runs Newton-Schulz as DeepSpeed does, one matrix at a time, for the comparison.
 Reported: tokens/s of each and their ratio, the trainer's per-phase split (training/timing.py) over
 the timed steps, Newton-Schulz's own FLOP/s and its fraction of the measured matmul peak (the
 optimizer's FLOPs, apart from the model's: MFU stays the model's), and the trainer's peak memory
@@ -27,6 +28,7 @@ import json
 import statistics
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ from benchmarks.common import alternate
 from training import trainer
 from training.allocator import retain_freed_memory
 from training.memory import format_split, memory_split
+from training.muon import newton_schulz_flops
 from training.mfu import TRAIN_FLOPS_PER_FORWARD_FLOP, peak_flops
 from training.plan import make_plan
 from training.precision import DTYPES
@@ -63,11 +66,45 @@ def bare_step(spec, device: torch.device):
     return step
 
 
+@contextmanager
+def per_matrix_newton_schulz(optimizer):
+    """In place of training.muon.deferred_muon: DeepSpeed's own per-matrix `muon_update` inside the
+    partition fill, the whole fill timed as newton_schulz (its bookkeeping is a small part of it)."""
+    from deepspeed.runtime.zero.muon import original_muon
+
+    class Done:
+        flops_total = 0.0
+
+        def run(self):
+            pass
+
+        def flops(self):
+            return self.flops_total
+
+    done, original = Done(), original_muon.muon_update
+
+    def counted(grad, momentum, *args, ns_method="gram", **kwargs):
+        done.flops_total += newton_schulz_flops(tuple(grad.shape), ns_method)
+        return original(grad, momentum, *args, ns_method=ns_method, **kwargs)
+
+    original_muon.muon_update = counted
+    try:
+        with optimizer.phase("newton_schulz"):
+            yield done
+    finally:
+        original_muon.muon_update = original
+
+
 def trainer_step(args, out: Path):
     """The trainer started on `args` (training/run.py's flags) and a function taking its next step."""
     plan = make_plan(trainer.parse_args(["--preset", args.preset, "--out", str(out), *[f"--set={s}" for s in args.sets],
-                                         "--set", f"train.steps={args.warmup + args.reps + 10}"]))
+                                         "--set", f"train.steps={args.warmup + args.reps + 10}",
+                                         *(["--tiny"] if args.tiny else [])]))
     run = trainer._start(plan)
+    if args.per_matrix:
+        from training import zero_clip
+
+        zero_clip.deferred_muon = lambda: per_matrix_newton_schulz(run.engine.optimizer)
     step = iter(range(plan.spec.train.steps))
     return plan, run, lambda: trainer._update(run, next(step))
 
@@ -79,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=6)
     p.add_argument("--out", type=Path, default=None, help="write the report to OUT.txt and OUT.json")
+    p.add_argument("--tiny", action="store_true", help="the preset at toy size (smoke tests)")
+    p.add_argument("--per-matrix", action="store_true",
+                   help="Newton-Schulz one matrix at a time, by DeepSpeed's muon_update (for comparison)")
     args = p.parse_args(argv)
     retain_freed_memory()  # as the trainer does (training/allocator.py)
     with tempfile.TemporaryDirectory() as folder:
@@ -116,7 +156,8 @@ def _report(args, spec, device, tokens, times, phases, ns_flops, memory) -> dict
     ns_rate = ns_flops / ns_seconds if ns_seconds else float("nan")
     step = sum(times["trainer"]) / len(times["trainer"])  # the phases are sums: shares of the mean step
     lines = [
-        f"{args.preset} ({' '.join(args.sets) or 'preset defaults'}): {tokens:,} tokens a step, "
+        f"{args.preset} ({' '.join(args.sets) or 'preset defaults'}"
+        f"{', per-matrix Newton-Schulz' if args.per_matrix else ''}): {tokens:,} tokens a step, "
         f"{spec.train.precision}, {spec.train.optimizer}, ZeRO-{spec.deepspeed.zero_stage}, {device}",
         f"  trainer {tps['trainer']:8,.0f} tokens/s  ({medians['trainer']:.3f} s a step, median of {args.reps})",
         f"  bare    {tps['bare']:8,.0f} tokens/s  ({medians['bare']:.3f} s)",
@@ -129,7 +170,7 @@ def _report(args, spec, device, tokens, times, phases, ns_flops, memory) -> dict
         f"{model_flops * tokens / 1e9:,.1f}), {ns_rate / 1e9:,.0f} GFLOP/s = {ns_rate / peak:.0%} of the matmul peak",
         f"  trainer {format_split(memory)}",
     ]
-    data = {"preset": args.preset, "sets": args.sets, "device": str(device), "precision": spec.train.precision,
+    data = {"preset": args.preset, "sets": args.sets, "per_matrix": args.per_matrix, "device": str(device), "precision": spec.train.precision,
             "optimizer": spec.train.optimizer, "zero_stage": spec.deepspeed.zero_stage, "tokens_per_step": tokens,
             "step_seconds": times, "tokens_per_s": tps, "ratio": tps["trainer"] / tps["bare"],
             "phase_seconds": phases, "newton_schulz_flops": ns_flops, "newton_schulz_flops_per_s": ns_rate,
