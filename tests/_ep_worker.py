@@ -62,7 +62,7 @@ def ds_config(zero_stage: int, precision: str) -> dict:
 
 def param_groups(model) -> list[dict]:
     """The trainer's split: Muon for hidden matrices (experts per expert), AdamW for the rest."""
-    special = {id(model.embed.weight), id(model.lm_head.weight)}
+    special = {id(p) for p in model.vocab_parameters()}
     routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
     muon, adam = [], []
     for p in model.parameters():

@@ -83,9 +83,28 @@ def test_batching_padding_and_left_truncation_do_not_change_scores(run):
     assert many[-1][0] == pytest.approx(_score(model, kept[:-2], kept[-2:]), abs=LOGPROB_TOL)
 
 
-def test_context_is_the_trained_length_not_the_models_maximum(run, lm):
-    """The run trained on data.seq_len = MAX_LEN of its 2 * MAX_LEN positions: evaluation stays there."""
-    assert lm.max_length == run[2].data.seq_len == MAX_LEN < run[2].model.max_seq_len
+def test_the_context_is_the_models_max_seq_len_and_an_error_names_the_limit(run, lm):
+    """The run's positions go to model.max_seq_len = MAX_LEN, its training blocks to data.seq_len =
+    MAX_LEN / 2: a continuation between the two is scored; past the limit, the error names which limit
+    refused it and how to change it."""
+    run_dir, model, spec, tokenizer = run
+    assert lm.max_length == spec.model.max_seq_len == MAX_LEN > spec.data.seq_len
+    ids = tokenizer.encode((DATA / "tinyshakespeare.txt").read_text()[:5000])
+    between = ids[:spec.data.seq_len + 20]
+    (logprob, _), = lm._loglikelihood_tokens([(None, [tokenizer.eos_id], between)], disable_tqdm=True)
+    assert logprob == pytest.approx(_score(model, [tokenizer.eos_id], between), abs=LOGPROB_TOL)
+    requests = [(None, [tokenizer.eos_id], ids[:MAX_LEN + 1]), (None, [tokenizer.eos_id], between)]
+    with pytest.raises(EvalError, match=rf"1 of 2 requests have a continuation longer than the limit \(the longest: "
+                                        rf"{MAX_LEN + 1} tokens\), which cannot be scored: the limit is {MAX_LEN} "
+                                        r"tokens, the model's context \(model.max_seq_len of "):
+        lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    shorter = ZooLM(str(run_dir), max_length=spec.data.seq_len)
+    with pytest.raises(EvalError, match=rf"the limit is {spec.data.seq_len} tokens, the max_length asked for "
+                                        rf"\(zoo eval --max-length\); raise it up to {MAX_LEN}"):
+        shorter._loglikelihood_tokens([(None, [tokenizer.eos_id], between)], disable_tqdm=True)
+    with pytest.raises(EvalError, match=rf"max_length={MAX_LEN + 1} \(zoo eval --max-length\) must be in "
+                                        rf"\[1, {MAX_LEN}\]"):
+        ZooLM(str(run_dir), max_length=MAX_LEN + 1)
 
 
 def test_a_shorter_continuation_sharing_the_input_is_scored_on_the_last_positions(run, lm):
@@ -145,7 +164,7 @@ def test_the_length_check_agrees_with_scoring_at_the_boundary(run, tmp_path):
     assert hellaswag_accuracy(model, tokenizer, path, max_length=longest)["n"] == 2
     with pytest.raises(HellaSwagTooLong):
         check_hellaswag_fits(model, tokenizer, path, 2, longest - 1)
-    with pytest.raises(EvalError, match="exceeds the model's context"):
+    with pytest.raises(EvalError, match=f"cannot be scored: the limit is {longest - 1} tokens, the max_length ZooLM"):
         hellaswag_accuracy(model, tokenizer, path, max_length=longest - 1)
 
 

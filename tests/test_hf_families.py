@@ -158,6 +158,11 @@ def test_export_errors_name_the_field():
     assert _export_error(with_changes(mixtral, {"ffn.router.norm_topk_prob": False})).endswith(
         "model.ffn.router.norm_topk_prob=False: mixtral renormalises the top-k weights (a softmax over the "
         "selected logits); set it to true")
+    # Only deepseek_v3 and glm4_moe hold MTP layers: a softmax-routed spec with them has no format.
+    for model_type, spec in (("qwen3_moe", qwen3), ("olmoe", olmoe), ("mixtral", mixtral)):
+        assert _export_error(with_changes(spec, {"mtp.depth": 1})) == (
+            f"model.mtp.depth=1: {model_type} has no multi-token-prediction layers (deepseek_v3 and glm4_moe "
+            "have); set it to 0")
 
 
 def test_cli_import_refuses_in_one_line_what_the_zoo_cannot_express(tmp_path, capsys):

@@ -70,21 +70,6 @@ def test_imported_spec_reads_like_the_config(tmp_path):
     assert spec.attention.rope.scaling.mscale_all_dim == 0.0
 
 
-def test_mtp_layers_are_dropped(tmp_path):
-    """Released checkpoints carry a multi-token-prediction layer after the last one: not part of the LM."""
-    case = CASES["ds-qlora-g1x1-dense1-shared1-norm-rsf2.5-rope_none"]
-    hf = make_hf(case, tmp_path)
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(tmp_path / "model.safetensors")
-    tensors["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
-    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    model, _ = from_hf(tmp_path)
-    ids, _ = inputs()
-    with torch.no_grad():
-        assert (hf(ids).logits - model(ids).logits).abs().max() <= LOGITS_ATOL
-
-
 def test_swish_is_silu(tmp_path):
     """transformers' ACT2FN maps both names to x * sigmoid(x)."""
     case = CASES["glm-partial0.5-qknorm-qkvbias-g1x1-dense1-shared1-norm-rsf1-rope_none"]

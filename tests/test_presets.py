@@ -34,9 +34,16 @@ def test_preset_forward_backward_every_param_gets_gradient(name):
     out = model(ids, labels=ids)
     assert out.logits.shape == (4, spec.model.max_seq_len, vocab)
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
-    # Cross-entropy of a fresh model is near ln(V); the aux losses are small positive extras.
-    assert abs(out.ce_loss.item() - torch.log(torch.tensor(float(vocab))).item()) < 0.5
-    assert out.loss.item() == pytest.approx(out.ce_loss.item() + out.aux_loss.item(), rel=1e-6)
+    # Cross-entropy of a fresh model is near ln(V), the MTP modules' too; the aux losses are small positive
+    # extras; the MTP loss enters with its weight.
+    ln_v = torch.log(torch.tensor(float(vocab))).item()
+    assert abs(out.ce_loss.item() - ln_v) < 0.5
+    mtp = spec.model.mtp
+    assert (out.mtp_losses is None) == (mtp.depth == 0)
+    mtp_loss = 0.0 if out.mtp_losses is None else mtp.loss_weight * out.mtp_losses.mean().item()
+    if mtp.depth:
+        assert out.mtp_losses.shape == (mtp.depth,) and (out.mtp_losses - ln_v).abs().max() < 0.5
+    assert out.loss.item() == pytest.approx(out.ce_loss.item() + out.aux_loss.item() + mtp_loss, rel=1e-6)
     out.loss.backward()
     for pname, param in model.named_parameters():
         assert param.grad is not None, f"{name}: {pname} got no gradient"
@@ -59,12 +66,20 @@ def test_describe_counts_match_the_built_module(name):
     assert sum(b["params"] for b in info["blocks"]) == info["total_params"]
     # Active = total minus the routed experts a token skips, counted here independently.
     skipped = 0
-    for layer in model.layers:
-        if isinstance(layer.ffn, zoo.blocks.moe.MoE):
-            experts = sum(p.numel() for p in layer.ffn.experts.parameters())
-            k, e = layer.ffn.router.top_k, layer.ffn.router.n_experts
+    for block in model.blocks():
+        if isinstance(block.ffn, zoo.blocks.moe.MoE):
+            experts = sum(p.numel() for p in block.ffn.experts.parameters())
+            k, e = block.ffn.router.top_k, block.ffn.router.n_experts
             skipped += experts * (e - k) // e
     assert info["active_params"] == info["total_params"] - skipped
+    # The MTP modules' share is exactly what the model without them lacks.
+    mtp = info["mtp"]
+    assert mtp["depth"] == spec.model.mtp.depth and (mtp["params"] > 0) == (mtp["depth"] > 0)
+    main = describe(with_changes(spec, {"model.mtp.depth": 0}))
+    for key, mtp_key in (("total_params", "params"), ("active_params", "active_params"),
+                         ("flops_per_token", "flops_per_token")):
+        assert info[key] - mtp[mtp_key] == main[key], key
+    assert info["kv_cache_bytes_per_token"] == main["kv_cache_bytes_per_token"]
 
 
 def test_every_preset_has_a_description():
@@ -126,8 +141,8 @@ def test_tiny_keeps_the_first_layer_of_each_periodic_override():
     assert [layer.ffn.kind for layer in small.layer_specs()][3] == "mlp"
 
 
-def _count_forward_flops(model, ids):
-    """(FLOPs FlopCounterMode counts in the forward of `ids` but for attention's; the (q, k, v) shapes of
+def _count_forward_flops(forward):
+    """(FLOPs FlopCounterMode counts in `forward()` but for attention's; the (q, k, v) shapes of
     every attention call). Attention runs with the counter switched off: on CPU, SDPA's flash kernel is
     not in the counter's registry (0 FLOPs), while its math fallback (taken when q/k and v head dims
     differ) is counted as bmm over the full, unmasked T x T square, so the kernel chosen would decide."""
@@ -147,7 +162,7 @@ def _count_forward_flops(model, ids):
         patch.setattr(mha, "causal_attention", uncounted_attention)
         patch.setattr(mla, "causal_attention", uncounted_attention)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(ids)
+            forward()
     return counter.get_total_flops(), shapes
 
 
@@ -162,22 +177,33 @@ def test_describe_flops_per_token_match_a_flop_counter(name):
       2 * K * D FLOPs per token;
     - plus attention by hand, from the shapes each attention call got: under the causal mask query t
       scores t + 1 keys (2 * Dk FLOPs each) and sums t + 1 values (2 * Dv each), so T queries take
-      2 * H * (Dk + Dv) * T (T + 1) / 2 FLOPs, H * (Dk + Dv) * (T + 1) per token."""
+      2 * H * (Dk + Dv) * T (T + 1) / 2 FLOPs, H * (Dk + Dv) * (T + 1) per token.
+    MTP modules (counted apart by describe) the same way: each module and its head run on T positions."""
     spec = presets.get(name, tiny=True)
     T, B = spec.model.max_seq_len, 2
     model = zoo.build(spec).eval()
     ids = torch.randint(0, spec.model.vocab_size, (B, T))
-    counted, shapes = _count_forward_flops(model, ids)
-    assert len(shapes) == spec.model.n_layers, "an attention call per layer"
-    attention_per_token = 0
-    for (qB, H, qT, Dk), (_, _, S, kDk), (_, _, vS, Dv) in shapes:
-        assert (qB, qT, S, vS, kDk) == (B, T, T, T, Dk)
-        attention_per_token += H * (Dk + Dv) * (T + 1)
-    combine_per_token = sum(2 * layer.ffn.router.top_k * spec.model.d_model for layer in model.layers
-                            if isinstance(layer.ffn, zoo.blocks.moe.MoE))
-    assert counted % (B * T) == 0
+
+    def mtp_forward():
+        h = torch.randn(B, T, spec.model.d_model)
+        for k in range(1, len(model.mtp) + 1):
+            h = model.mtp_step(k, h, ids)
+            model.mtp_head(k)(h)
+
     info = describe(spec, seq_len=T)
-    assert info["flops_per_token"] == counted // (B * T) - combine_per_token + attention_per_token
+    main_flops, mtp_flops = info["flops_per_token"] - info["mtp"]["flops_per_token"], info["mtp"]["flops_per_token"]
+    for forward, blocks, expected in ((lambda: model(ids), model.layers, main_flops),
+                                      (mtp_forward, [m.block for m in model.mtp], mtp_flops)):
+        counted, shapes = _count_forward_flops(forward)
+        assert len(shapes) == len(blocks), "an attention call per block"
+        attention_per_token = 0
+        for (qB, H, qT, Dk), (_, _, S, kDk), (_, _, vS, Dv) in shapes:
+            assert (qB, qT, S, vS, kDk) == (B, T, T, T, Dk)
+            attention_per_token += H * (Dk + Dv) * (T + 1)
+        combine_per_token = sum(2 * block.ffn.router.top_k * spec.model.d_model for block in blocks
+                                if isinstance(block.ffn, zoo.blocks.moe.MoE))
+        assert counted % (B * T) == 0
+        assert expected == counted // (B * T) - combine_per_token + attention_per_token
 
 
 def test_describe_flop_check_covers_mha_gqa_and_mla():

@@ -87,6 +87,18 @@ def test_optimizer_groups_put_routers_embeddings_and_norms_on_adam():
     assert sum(len(g) for g in groups.values()) == len(named)
 
 
+def test_adamw_puts_every_parameter_on_adam_at_its_lr():
+    from zoo.overrides import with_changes
+
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"train.optimizer": "adamw", "train.adam_lr": 1e-3})
+    model = zoo.build(spec)
+    groups = optimizer_groups(model, spec)
+    assert [g["name"] for g in groups] == ["adam", "adam_no_decay"]
+    assert all(not g["use_muon"] and g["lr"] == 1e-3 for g in groups)
+    assert not any(p.use_muon for p in model.parameters())
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
 def _clip_spec(preset: str, stage: int, precision: str = "fp32", grad_clip: float = 1.0):
     return with_changes(presets.get(preset, tiny=True), {"deepspeed.zero_stage": stage, "train.precision": precision,
                                                          "train.grad_clip": grad_clip, "train.warmup_steps": 0})

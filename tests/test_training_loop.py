@@ -5,6 +5,7 @@ exact resume, the LR schedule, HellaSwag during training, the precision it picks
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -27,7 +28,11 @@ def test_train_end_to_end(cache_dir, tmp_path):
     proc = train(cache_dir, out, "--set", "train.steps=12", "--set", "train.eval_every=4", "--set", "train.ckpt_every=6",
                  "--set", "train.log_every=1", "--set", "train.micro_batch_size=4")
     assert proc.returncode == 0, proc.stderr
-    last = proc.stdout.strip().splitlines()[-1]
+    *_, last, timing = proc.stdout.strip().splitlines()
+    # Where the time went, as shares of the wall time, and the peak memory split into what holds it.
+    assert re.fullmatch(r"time: \d+ s: data \d+%, forward \d+%, backward \d+%, newton_schulz \d+%, adamw \d+%, "
+                        r"zero \d+%, evaluation \d+%, checkpoint \d+%, logging \d+%, other \d+%; peak memory "
+                        r"[\d.]+ GB: weights [\d.]+, gradients [\d.]+, optimizer states [\d.]+, rest [\d.]+", timing), timing
     assert last.startswith("done: 12 steps") and "val loss" in last and "tensorboard --logdir" in last
     for name in ("spec.json", "model.safetensors", "tokenizer.model", "ds_config.json", "checkpoints/latest"):
         assert (out / name).exists(), name
@@ -42,8 +47,16 @@ def test_train_end_to_end(cache_dir, tmp_path):
     assert sorted(val) == [4, 8, 12] and val[12] < val[4] < math.log(512)
     for tag in ("train/loss", "train/aux_loss", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "lr/muon",
                 "lr/adam", "moe/layer_1/max_vio", "moe/layer_1/router_entropy", "moe/layer_1/routing_bias_norm",
-                "val/ppl", "val/acc"):
+                "val/ppl", "val/acc", "time/step", "time/forward", "time/backward", "time/newton_schulz",
+                "time/adamw", "time/zero", "time/data", "time/logging"):
         assert scalars(out, tag), f"{tag} not logged"
+    # Each step's phases fit inside its wall time (time/... are seconds per step since the previous log).
+    step_time = scalars(out, "time/step")
+    phases = [scalars(out, f"time/{name}") for name in ("data", "forward", "backward", "newton_schulz", "adamw",
+                                                         "zero", "evaluation", "checkpoint", "logging")]
+    assert sorted(step_time) == list(range(1, 13))
+    for step, wall in step_time.items():
+        assert 0 < sum(p.get(step, 0.0) for p in phases) <= wall * 1.001, step
     # The run folder rebuilds the trained model, whose validation loss is the logged one.
     model, spec = load_run_folder(out)
     assert spec.train.steps == 12 and spec.model.d_model == 64
@@ -97,9 +110,10 @@ def test_train_end_to_end(cache_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(cache_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_continues_exactly(cache_dir, tmp_path, optimizer):
     common = ["--set", "train.precision=fp32", "--set", "train.log_every=1", "--set", "train.ckpt_every=3",
-              "--set", "train.eval_every=100", "--set", "train.grad_accum=2"]
+              "--set", "train.eval_every=100", "--set", "train.grad_accum=2", "--set", f"train.optimizer={optimizer}"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train(cache_dir, straight, "--set", "train.steps=6", *common).returncode == 0
     first = train(cache_dir, split, "--set", "train.steps=6", "--stop-after", "3", *common)
@@ -110,7 +124,9 @@ def test_resume_continues_exactly(cache_dir, tmp_path):
     a, b = scalars(straight, "train/loss"), scalars(split, "train/loss")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     assert [a[s] for s in range(1, 7)] == [b[s] for s in range(1, 7)]
-    assert scalars(straight, "lr/muon") == scalars(split, "lr/muon")
+    lr = "lr/muon" if optimizer == "muon" else "lr/adam"
+    assert scalars(straight, lr) == scalars(split, lr) and len(scalars(straight, lr)) == 6
+    assert bool(scalars(straight, "lr/muon")) == (optimizer == "muon")  # adamw: no Muon group at all
 
 
 @pytest.mark.slow

@@ -108,3 +108,34 @@ def test_two_ranks_agree_on_the_stop_signal():
         results = [proc.communicate(timeout=120) for proc in procs]
         assert all(proc.returncode == 0 for proc in procs), results
         assert [out.strip().splitlines()[-1] for out, _ in results] == ["15", "15"], (signums, results)
+
+
+def _file_size_limit(limit: int):
+    def apply():  # in the child: writes past `limit` bytes fail with EFBIG instead of killing it (SIGXFSZ)
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_stop(cache_dir, tmp_path):
+    """A real failed write: the file size limit (ulimit -f) below the checkpoint's optimizer states. torch.save
+    reports it without an errno; the stop still says why, and leaves no half-written checkpoint."""
+    assert train(cache_dir, tmp_path / "warm", "--set", "train.steps=1").returncode == 0  # data cached first
+    out = tmp_path / "run"
+    env = {**os.environ, "ZOO_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([*RUN, "--tiny", "--out", str(out), "--set", "train.steps=4", "--set", "train.ckpt_every=2"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+                          preexec_fn=_file_size_limit(300_000))
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not line.startswith("training: warning:")]  # a busy machine's MFU peak
+    assert len(lines) == 1, proc.stderr
+    (line,) = lines
+    assert line.startswith(f"training: stopped: cannot write the step 2 checkpoint in {out}: File too large "
+                           "(the file size limit, ulimit -f, is 300,000 bytes) (a checkpoint needs about "), line
+    assert line.endswith("last good checkpoint: none"), line
+    assert latest_tag(out) is None and not (out / "checkpoints" / "step_0000002").exists()
+    assert not list(out.glob(".*.tmp"))  # nor a half-written copy of the weights

@@ -18,7 +18,9 @@ removes incomplete folders.
 
 from __future__ import annotations
 
+import errno
 import json
+import resource
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +71,46 @@ def remove_incomplete(run_dir: Path) -> list[str]:
     for tag in tags:
         shutil.rmtree(run_dir / CHECKPOINTS / tag, ignore_errors=True)
     return tags
+
+
+NO_ROOM = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded", errno.EFBIG: "File too large"}
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written for want of room: the run stops at it, its last good one intact."""
+
+
+def no_room(err: BaseException, run_dir: Path, step: int, needed: int) -> CheckpointWriteError | None:
+    """The one-line stop for a save that failed because the disk (or quota, or file size limit) is full,
+    else None. The cause is the error's errno or text where it has one (the OS, safetensors); torch.save's
+    stream writer drops the errno ("unexpected pos ..."), so a failure with a file at the size limit
+    (ulimit -f) or less room left than a checkpoint needs counts too. The failed tag's folder is removed (it was never marked
+    complete), so that what it took is free again."""
+    code = getattr(err, "errno", None)
+    cause = NO_ROOM.get(code) or next((text for text in NO_ROOM.values() if text in str(err)), None)
+    partial = run_dir / CHECKPOINTS / tag_for(step)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if cause is None and limit != resource.RLIM_INFINITY and _largest(partial) >= limit:
+        cause = f"File too large (the file size limit, ulimit -f, is {limit:,} bytes)"
+    if cause is None and shutil.disk_usage(run_dir).free + _size(partial) >= needed:
+        return None
+    if dist.get_rank() == 0 and partial.is_dir() and not (partial / COMPLETE).exists():
+        shutil.rmtree(partial, ignore_errors=True)
+    free = shutil.disk_usage(run_dir).free
+    return CheckpointWriteError(f"cannot write the step {step} checkpoint in {run_dir}: {cause or 'the disk is full'} "
+                                f"(a checkpoint needs about {needed / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free there)")
+
+
+def _sizes(folder: Path) -> list[int]:
+    return [f.stat().st_size for f in folder.rglob("*") if f.is_file()] if folder.is_dir() else []
+
+
+def _size(folder: Path) -> int:
+    return sum(_sizes(folder))
+
+
+def _largest(folder: Path) -> int:
+    return max(_sizes(folder), default=0)
 
 
 def save(engine, run_dir: Path, step: int, client_state: dict, keep_last: int, expert_parallel: bool = False,

@@ -4,7 +4,9 @@ DeepSpeed's Muon-with-auxiliary-Adam, given to DeepSpeed as a client optimizer: 
 matrices (stacked expert weights orthogonalised per expert), AdamW for embeddings, LM head, routers,
 norms and biases. DeepSpeed's config-file "Muon" type chooses by parameter name only and would put
 routers on Muon, hence the client optimizer with our own choice. The schedule: linear warmup, then
-cosine decay to `min_lr_ratio` of the peak, in optimizer steps.
+cosine decay to `min_lr_ratio` of the peak, in optimizer steps. `train.optimizer=adamw` puts every
+parameter on the same optimizer's AdamW groups: the baseline a Muon comparison needs, with the same
+ZeRO, checkpoint and resume paths.
 """
 
 from __future__ import annotations
@@ -24,18 +26,19 @@ ADAM_EPS = 1e-8
 
 
 def optimizer_groups(model: nn.Module, spec: RunSpec, device: torch.device | None = None) -> list[dict]:
-    """Muon for hidden matrices; AdamW for embeddings, head, routers (decayed) and norms, biases (not)."""
+    """Muon for hidden matrices; AdamW for embeddings, head, routers (decayed) and norms, biases (not).
+    Under train.optimizer=adamw every matrix is in the decayed AdamW group and none on Muon."""
     train = spec.train
     # Newton-Schulz: DeepSpeed's "gram" variant runs in fp16 where the device has it, else fp32; its
     # "standard" one in bf16 on any CPU. On a CPU with bf16 instructions standard is faster (gram's fp32
     # fallback measured 1.8x slower); on one without, bf16 matmuls crawl, and gram in fp32 is the choice.
     on_cpu = device is None or device.type == "cpu"
     ns_method = "standard" if on_cpu and cpu_has_native_bf16() else "gram"
-    special = {id(model.embed.weight), id(model.lm_head.weight)}
+    special = {id(p) for p in model.vocab_parameters()}  # embeddings and heads, the MTP modules' own too
     routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
     muon, adam, adam_no_decay = [], [], []
     for param in model.parameters():
-        if param.ndim >= 2 and id(param) not in special and id(param) not in routers:
+        if train.optimizer == "muon" and param.ndim >= 2 and id(param) not in special and id(param) not in routers:
             param.use_muon = True
             param.is_expert_group = param.ndim == 3  # stacked experts: Newton-Schulz per expert
             muon.append(param)

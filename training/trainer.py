@@ -38,6 +38,7 @@ from training import checkpoints, report, startup
 from training.allocator import retain_freed_memory
 from training.data import DataError, TrainBatches, Tokenizer
 from training.engine import unreported_grad_norm
+from training.memory import checkpoint_bytes
 from training.errors import TrainingError
 from training.mfu import MFU_ABOVE_PEAK_NOTE, BusyPeakWarning, mfu as model_flops_utilisation, peak_flops
 from training.observe import Observer
@@ -45,6 +46,7 @@ from training.plan import Plan, make_plan
 from training.precision import DTYPES
 from training.report import StepStats
 from training.signals import StopFlag
+from training.timing import PhaseTimer
 from training.validation import evaluate, hellaswag_scores
 from zoo.checkpoint import CHECKPOINTS, latest_tag, save_run_folder
 from zoo.describe import describe
@@ -90,7 +92,9 @@ class _Run:
     flops_per_token: float
     machine_peak: float
     tokens_seen: int
+    timer: PhaseTimer
     val: dict[str, float] = field(default_factory=dict)  # the latest validation
+    logged: tuple[int, float] = (0, 0.0)  # the step and time of the last log, for time/... per step
     above_peak_said: bool = False
 
 
@@ -105,7 +109,7 @@ def train(args: argparse.Namespace) -> int:
         for step in range(plan.start_step, spec.train.steps):
             if _one_step(run, step):
                 return 0
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, checkpoints.CheckpointWriteError) as err:
         run.observer.close()
         last = latest_tag(out)
         print(f"training: stopped: {err}; last good checkpoint: {out / CHECKPOINTS / last if last else 'none'}",
@@ -115,9 +119,11 @@ def train(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - wall_start
     run.observer.hparams(report.hparams(spec), {"hparam/val_loss": run.val.get("val/loss", float("nan"))})
     run.observer.close()
+    run.timer.take()
     if plan.ranks.rank == 0:
         print(report.closing_line(out, spec, start_step=plan.start_step, tokens_seen=run.tokens_seen, val=run.val,
                                   wall=wall), flush=True)
+        print(report.time_line(run.timer.totals, wall, run.engine, plan.ranks.device), flush=True)
     return 0
 
 
@@ -149,8 +155,11 @@ def _start(plan: Plan) -> _Run:
                                        **({} if math.isnan(machine_peak) else {"perf/peak_flops": machine_peak})})
     stop = StopFlag(announce=rank0)
     biased = {i: m.router for i, m in engine.module.moe_layers().items() if m.router.has_routing_bias}
+    timer = PhaseTimer.for_device(env.device)
+    engine.optimizer.phase = timer.phase  # Newton-Schulz apart (training/zero_clip.py, ZeRO-1/2)
+    timer.watch_optimizer(getattr(engine.optimizer, "optimizer", engine.optimizer))
     return _Run(plan, engine, optimizer, prepared.tokenizer, train_batches, val_batches, observer, stop, biased,
-                flops_per_token, machine_peak, tokens_seen)
+                flops_per_token, machine_peak, tokens_seen, timer, logged=(plan.start_step, time.perf_counter()))
 
 
 def _one_step(run: _Run, step: int) -> bool:
@@ -163,10 +172,19 @@ def _one_step(run: _Run, step: int) -> bool:
     if done % spec.train.log_every == 0 or done == spec.train.steps or done == plan.start_step + 1:
         _log(run, done, result)
     if done % spec.train.eval_every == 0 or done == spec.train.steps:
-        _validate(run, done)
+        with run.timer.phase("evaluation"):
+            _validate(run, done)
     stopping = result.signalled or done == plan.stop_after
     if done % spec.train.ckpt_every == 0 or done == spec.train.steps or stopping:
-        _save(run.engine, plan.out, done, run.tokens_seen, run.train_batches, spec, run.tokenizer, plan.ranks.rank == 0)
+        with run.timer.phase("checkpoint"):
+            try:
+                _save(run.engine, plan.out, done, run.tokens_seen, run.train_batches, spec, run.tokenizer,
+                      plan.ranks.rank == 0)
+            except Exception as err:  # torch.save, safetensors and the OS each word a full disk their own way
+                stop = checkpoints.no_room(err, plan.out, done, checkpoint_bytes(run.engine))
+                if stop is None:
+                    raise
+                raise stop from None
     if stopping and done < spec.train.steps:
         # Every rank takes this branch alike (result.signalled is all-reduced), so the collective is safe.
         reason = f"signal {_agreed_signal(run.stop.signum, plan.ranks.device)}" if result.signalled else "--stop-after"
@@ -195,31 +213,36 @@ def _update(run: _Run, step: int) -> StepStats:
         loads[layer] = load.float()
     if applied:  # a skipped update leaves the weights, so the biases stay too
         engine.module.update_routing_biases({i: loads[i] for i in run.biased})
-    loss, ce, aux = (packed[sum(sizes):sum(sizes) + 3] / (spec.train.grad_accum * ranks.world_size)).tolist()
+    loss, ce, aux, *mtp = (packed[sum(sizes):-1] / (spec.train.grad_accum * ranks.world_size)).tolist()
     tokens = spec.train.micro_batch_size * spec.train.grad_accum * ranks.world_size * spec.data.seq_len
     return StepStats(loss, ce, aux, grad_norm, lrs, stats, loads, tokens, seconds=time.perf_counter() - t0,
-                     signalled=packed[-1].item() > 0)
+                     signalled=packed[-1].item() > 0, mtp=mtp)
 
 
 def _accumulate(run: _Run, step: int) -> tuple[torch.Tensor, dict, dict, dict[str, float], torch.Tensor | None]:
     """Forward and backward of each micro-batch, engine.step() after each (DeepSpeed updates after the last).
-    The summed (loss, ce, aux), each MoE layer's summed loads and last stats, the LRs the update used, and
-    the gradient norm where DeepSpeed reports none (unreported_grad_norm), checked before the update."""
-    spec, engine, device = run.plan.spec, run.engine, run.plan.ranks.device
-    sums, loads, stats = torch.zeros(3, dtype=torch.float64, device=device), {}, {}
+    The summed (loss, ce, aux, each MTP depth's ce), each MoE layer's summed loads and last stats, the LRs
+    the update used, and the gradient norm where DeepSpeed reports none (unreported_grad_norm), checked
+    before the update."""
+    spec, engine, device, phase = run.plan.spec, run.engine, run.plan.ranks.device, run.timer.phase
+    sums, loads, stats = torch.zeros(3 + spec.model.mtp.depth, dtype=torch.float64, device=device), {}, {}
     for micro in range(spec.train.grad_accum):
-        batch = next(run.train_batches).to(device)
-        result = engine(batch, labels=batch, return_logits=False)
+        with phase("data"):
+            batch = next(run.train_batches).to(device)
+        with phase("forward"):
+            result = engine(batch, labels=batch, return_logits=False)
         _check_finite(result.loss, step + 1, micro)
-        engine.backward(result.loss)
+        with phase("backward"):
+            engine.backward(result.loss)
         if micro == spec.train.grad_accum - 1:
             # DeepSpeed steps the scheduler inside engine.step(): read the LR this update uses first.
             lrs = {f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
             own_norm = unreported_grad_norm(engine, spec.deepspeed.ep_size)
             if own_norm is not None:
                 _check_grad_norm(own_norm, spec, step + 1, applied=False)  # before the update
-        _step(engine, step + 1)
-        sums += torch.stack([result.loss.detach(), result.ce_loss.detach(), result.aux_loss.detach()]).double()
+        with phase("optimizer"):
+            _step(engine, step + 1)
+        sums += report.loss_terms(result)
         for layer, s in result.router_stats.items():
             loads[layer] = loads.get(layer, 0) + s.load_E
             stats[layer] = s
@@ -227,10 +250,14 @@ def _accumulate(run: _Run, step: int) -> tuple[torch.Tensor, dict, dict, dict[st
 
 
 def _log(run: _Run, step: int, result: StepStats) -> None:
-    mfu = model_flops_utilisation(result.tokens_per_s, run.flops_per_token, run.machine_peak)  # None without a peak
-    skipped = run.engine.skipped_steps if run.plan.spec.train.precision == "fp16" else None
-    report.log_step(run.observer, step, result, tokens_seen=run.tokens_seen, mfu=mfu, biased=run.biased,
-                    world_size=run.plan.ranks.world_size, skipped_steps=skipped)
+    with run.timer.phase("logging"):
+        mfu = model_flops_utilisation(result.tokens_per_s, run.flops_per_token, run.machine_peak)  # None: no peak
+        skipped = run.engine.skipped_steps if run.plan.spec.train.precision == "fp16" else None
+        report.log_step(run.observer, step, result, tokens_seen=run.tokens_seen, mfu=mfu, biased=run.biased,
+                        world_size=run.plan.ranks.world_size, skipped_steps=skipped)
+    (last_step, last_time), now = run.logged, time.perf_counter()
+    run.logged = (step, now)
+    run.observer.scalars(step, report.time_scalars(run.timer.take(), steps=step - last_step, wall=now - last_time))
     if mfu is not None and mfu > 1 and not run.above_peak_said:
         run.observer.message(MFU_ABOVE_PEAK_NOTE)
         run.above_peak_said = True
@@ -245,7 +272,7 @@ def _validate(run: _Run, step: int) -> None:
         hellaswag = f", HellaSwag acc_norm {scores['acc_norm']:.3f} (n={scores['n']})"  # items scored
     run.observer.scalars(step, val)
     run.observer.message(f"step {step}: val loss {val['val/loss']:.4f} ppl {val['val/ppl']:.1f} "
-                         f"acc {val['val/acc']:.3f}{hellaswag}")
+                         f"acc {val['val/acc']:.3f}{report.mtp_validation(val)}{hellaswag}")
     run.val = val
 
 

@@ -12,9 +12,10 @@ from zoo.specs import RunSpec
 
 @torch.no_grad()
 def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Token-weighted validation cross-entropy, perplexity and next-token accuracy."""
+    """Token-weighted validation cross-entropy, perplexity and next-token accuracy; with MTP modules, per depth
+    k: its cross-entropy, its accuracy, and how often its guess is the main model's (`mtp_counts`)."""
     engine.module.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, correct, count, mtp = 0.0, 0, 0, 0
     for batch in batches:
         batch = batch.to(device)
         out = engine(batch, labels=batch)
@@ -22,9 +23,27 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> dict[
         loss_sum += out.ce_loss.item() * n
         correct += (out.logits[:, :-1].argmax(-1) == batch[:, 1:]).sum().item()
         count += n
+        mtp = mtp + mtp_counts(out, batch)
     engine.module.train()
     loss = loss_sum / count
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/acc": correct / count}
+    metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/acc": correct / count}
+    for k, (loss_k, correct_k, matches_k, n_k) in enumerate(mtp.tolist() if torch.is_tensor(mtp) else [], start=1):
+        metrics.update({f"val/mtp_loss_{k}": loss_k / n_k, f"val/mtp_acc_{k}": correct_k / n_k,
+                        f"val/mtp_draft_acceptance_{k}": matches_k / n_k})
+    return metrics
+
+
+def mtp_counts(out, batch: torch.Tensor) -> torch.Tensor | int:
+    """(depth, 4) float64 sums over one batch, per MTP depth k: cross-entropy x positions; positions where its
+    guess of token t+1+k is right; positions where that guess is the main model's at position t+k, which
+    predicts the same token (a greedy draft the main model would accept); positions. 0 without MTP."""
+    rows = []
+    for k, logits in enumerate(out.mtp_logits or [], start=1):
+        guess = logits[:, :-1].argmax(-1)  # (B, T - k - 1)
+        n = guess.numel()
+        rows.append([out.mtp_losses[k - 1].item() * n, (guess == batch[:, k + 1:]).sum().item(),
+                     (guess == out.logits[:, k:-1].argmax(-1)).sum().item(), n])
+    return torch.tensor(rows, dtype=torch.float64) if rows else 0
 
 
 def hellaswag_scores(engine, tokenizer: Tokenizer, spec: RunSpec) -> dict[str, float]:

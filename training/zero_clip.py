@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from training.errors import TrainingError
+from training.muon import deferred_muon
+from training.timing import no_phase
 
 
 def clip_before_newton_schulz(optimizer) -> None:
@@ -49,6 +51,8 @@ def clip_before_newton_schulz(optimizer) -> None:
     optimizer.clipped_muon_groups = set()  # groups whose gradient was clipped before Newton-Schulz this step
     optimizer.deferred_muon = {}  # ZeRO-1/2: group -> what Newton-Schulz needs, held until the norm is known
     optimizer.raw_norm_groups = None  # ZeRO-3: the raw gradients' group norms, handed to step()
+    optimizer.phase = no_phase  # the trainer's PhaseTimer.phase, to time Newton-Schulz apart
+    optimizer.newton_schulz_flops = 0.0  # ZeRO-1/2: summed over the run, for the optimizer's own FLOP/s
 
 
 def _clip_coefficient(norm: torch.Tensor, loss_scale: float, clip: float) -> torch.Tensor | None:
@@ -97,14 +101,18 @@ class _ClipBeforeMuonZero12:
         norm = super().scaled_global_norm(norm_type)
         coefficient = _clip_coefficient(norm, self.loss_scale, self.clip_grad)
         self.clipped_muon_groups = set(deferred) if coefficient is not None else set()
-        for i, (tensor_list, first_offset, partition_size, dtype, device, grads) in deferred.items():
-            if coefficient is not None:
-                for grad in grads:
-                    grad.div_(coefficient.to(grad.dtype))
-            self.all_grad_tensors[i] = grads
-            self.averaged_gradients[i] = super().get_flat_partition(tensor_list, first_offset, partition_size,
-                                                                    dtype, device, i, return_tensor_list=True)
-            self.all_grad_tensors[i] = None
+        with deferred_muon() as muon:
+            for i, (tensor_list, first_offset, partition_size, dtype, device, grads) in deferred.items():
+                if coefficient is not None:
+                    for grad in grads:
+                        grad.div_(coefficient.to(grad.dtype))
+                self.all_grad_tensors[i] = grads
+                self.averaged_gradients[i] = super().get_flat_partition(tensor_list, first_offset, partition_size,
+                                                                        dtype, device, i, return_tensor_list=True)
+                self.all_grad_tensors[i] = None
+        with self.phase("newton_schulz"):
+            self.newton_schulz_flops += muon.flops()
+            muon.run()  # fills the partitions get_flat_partition returned, every Muon group in one batch
         return norm
 
     def unscale_and_clip_grads(self, grad_groups_flat, total_norm):

@@ -53,7 +53,11 @@ def save_run_folder(
                if not (tied and k == "lm_head.weight")}
     # Written aside and renamed: a kill mid-write leaves the previous weights, never a truncated file.
     tmp = run_dir / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also keep the half-written copy
+        raise
     os.replace(tmp, run_dir / WEIGHTS_FILE)
     return run_dir
 

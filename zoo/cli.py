@@ -124,8 +124,12 @@ def cmd_import_hf(args: argparse.Namespace) -> None:
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     from zoo.interop.hf import export_hf
+    from zoo.tokenizer import TokenizerError
 
-    print("\n".join(export_hf(args.run_dir, args.out)))
+    try:
+        print("\n".join(export_hf(args.run_dir, args.out)))
+    except TokenizerError as err:
+        raise UsageError(str(err)) from None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -143,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         data_files[name] = path
     try:
         eval_run(args.run_dir, tasks=tasks, data_files=data_files, limit=args.limit, ppl=args.ppl,
-                 batch_size=args.batch_size, output=args.output, step=args.step)
+                 batch_size=args.batch_size, max_length=args.max_length, output=args.output, step=args.step)
     except (EvalError, RunError, TokenizerError) as err:
         raise UsageError(str(err)) from None
 
@@ -155,6 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
                               load_run)
     from zoo.tokenizer import TokenizerError
 
+    if args.speculative and (args.temperature > 0 or args.no_cache):
+        flag = "--no-cache" if args.no_cache else f"--temperature {args.temperature}"
+        raise UsageError(f"--speculative {args.speculative} decodes greedily with the KV cache: drop {flag}")
     cuts = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
     if cuts and not args.temperature > 0:
         # Temperature 0 is greedy and would ignore them: the user asked to sample but would not.
@@ -170,6 +177,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         check_fits(len(prompt), args.max_new_tokens, spec.model.max_seq_len)
     except (GenerationError, RunError, TokenizerError) as err:
         raise UsageError(str(err)) from None
+    if args.speculative and not spec.model.mtp.depth:
+        raise UsageError(f"--speculative mtp: {args.run_dir} has no MTP modules (model.mtp.depth = 0); train one "
+                         "with model.mtp.depth >= 1 (e.g. --preset deepseek_glm4_mtp), or drop --speculative")
     ntk_limit = dynamic_ntk_limit(spec.model)
     # The last forward pass sees the prompt and every new token but the last.
     if not args.no_cache and ntk_limit is not None and len(prompt) + args.max_new_tokens - 1 > ntk_limit:
@@ -177,13 +187,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
               "cached keys keep their own step's rotation (as in transformers), so the tokens may differ from "
               "--no-cache", file=sys.stderr)
     start = time.perf_counter()
-    tokens = generate(model, prompt, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                      eos_id=tokenizer.eos_id, max_seq_len=spec.model.max_seq_len, use_cache=not args.no_cache,
-                      tokenizer_vocab_size=tokenizer.vocab_size)
+    common = dict(max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id, max_seq_len=spec.model.max_seq_len,
+                  tokenizer_vocab_size=tokenizer.vocab_size)
+    if args.speculative:
+        from zoo.speculative import SpeculativeStats, iter_generate_mtp
+
+        stats = SpeculativeStats()
+        tokens = list(iter_generate_mtp(model, prompt, stats=stats, **common))
+    else:
+        tokens = generate(model, prompt, sampling=sampling, seed=args.seed, use_cache=not args.no_cache, **common)
     seconds = time.perf_counter() - start
     print(args.prompt + tokenizer.decode(tokens))
     print(f"{len(tokens)} new tokens in {seconds:.2f} s ({len(tokens) / seconds:.1f} tokens/s, "
           f"KV cache {'off' if args.no_cache else 'on'})", file=sys.stderr)
+    if args.speculative:
+        print(f"speculative mtp: {stats.accepted} of {stats.drafted} drafts accepted (acceptance rate "
+              f"{stats.acceptance_rate:.3f}), {stats.tokens_per_forward:.2f} tokens per forward of the main model "
+              f"({stats.forwards} forwards)", file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -229,10 +249,14 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a run folder: spec.json, model.safetensors, tokenizer.model")
     ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, e.g. hellaswag,lambada_openai")
     ev.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
-                    help="read TASK from a local JSON-lines file instead of the hub (hellaswag, lambada_openai)")
+                    help="read the split lm-eval's TASK evaluates from a local .jsonl, .json or .parquet file "
+                         "instead of the hub (any task whose documents come from one split)")
     ev.add_argument("--limit", type=int, default=None, help="the first N items of each task (documents for --ppl)")
     ev.add_argument("--ppl", metavar="PATH", default=None, help="perplexity of a held-out text/JSONL file")
     ev.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 16)")
+    ev.add_argument("--max-length", type=int, default=None,
+                    help="the context in tokens (default: the model's max_seq_len; e.g. data.seq_len to score at "
+                         "the training length)")
     ev.add_argument("--output", default=None, help="the JSON file to write (default RUN_DIR/eval/eval-<time>.json)")
     ev.add_argument("--step", type=int, default=None,
                     help="the TensorBoard step to log the scores at (default: the run's latest checkpoint step)")
@@ -249,6 +273,9 @@ def parser() -> argparse.ArgumentParser:
                      help="sample within the top-p probability mass (needs --temperature > 0)")
     gen.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (reference)")
+    gen.add_argument("--speculative", choices=["mtp"], default=None,
+                     help="greedy speculative decoding: the MTP modules draft, one main forward verifies "
+                          "(the same tokens as plain greedy)")
     gen.set_defaults(fn=cmd_generate)
     return p
 

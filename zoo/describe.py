@@ -13,6 +13,11 @@ Conventions:
 - KV-cache bytes per token in bf16: MHA/GQA cache K and V for their kv heads; MLA caches only the
   latent (kv_lora_rank) and the shared rotary key (qk_rope_head_dim).
 
+- multi-token-prediction modules: counted in the totals (what training runs) and apart under "mtp"
+  (what decoding without them drops): eh_proj, the block, the norms, and the head's FLOPs (its
+  parameters only where it is the module's own), per token at the same T. The KV-cache total is the
+  main model's; an MTP block caches only while drafting (its rows say how much).
+
 Each layer's attention and FFN are counted by their kind's `describe` rule (zoo/kinds/).
 """
 
@@ -46,18 +51,17 @@ def describe(spec: ModelSpec | RunSpec, seq_len: int | None = None) -> dict:
     norms = model.norm.weight.numel()
     mha_cache_total = 0
     for i, (layer, layer_spec) in enumerate(zip(model.layers, model_spec.layer_specs())):
-        for slot in ("attention", "ffn"):
-            spec = getattr(layer_spec, slot)
-            count = kind_of(spec).describe(getattr(layer, slot), seq_len)
-            rows.append(BlockRow(f"layers.{i}.{slot}", count.label, count.params, count.active_params,
-                                 count.flops_per_token, count.kv_cache_bytes_per_token))
-            mha_cache_total += count.kv_cache_bytes_mha_equivalent
+        rows += _block_rows(f"layers.{i}", layer, layer_spec, seq_len)
+        mha_cache_total += sum(_mha_equivalent(layer, layer_spec, seq_len))
         norms += numel(layer.attention_norm) + numel(layer.ffn_norm)
     rows.append(BlockRow("norms", "rmsnorm", norms, norms, 0))
     tied = model.lm_head.weight is model.embed.weight
     head_params = 0 if tied else model.lm_head.weight.numel()
     rows.append(BlockRow("lm_head" + (" (tied to embed)" if tied else ""), "linear", head_params, head_params,
                          2 * model.lm_head.weight.numel()))
+    mtp_rows = [row for k, (module, layer_spec) in enumerate(zip(model.mtp, model_spec.mtp_layer_specs()), start=1)
+                for row in _mtp_rows(model, k, module, layer_spec, seq_len)]
+    main_rows, rows = rows, rows + mtp_rows
     total = numel(model)
     if sum(r.params for r in rows) != total:
         raise AssertionError("describe's per-block rows do not add up to the module's parameters")
@@ -66,10 +70,51 @@ def describe(spec: ModelSpec | RunSpec, seq_len: int | None = None) -> dict:
         "active_params": sum(r.active_params for r in rows),
         "seq_len": seq_len,
         "flops_per_token": sum(r.flops_per_token for r in rows),
-        "kv_cache_bytes_per_token": sum(r.kv_cache_bytes_per_token for r in rows),
+        "kv_cache_bytes_per_token": sum(r.kv_cache_bytes_per_token for r in main_rows),
         "kv_cache_bytes_per_token_mha_equivalent": mha_cache_total,
+        "mtp": {
+            "depth": len(model.mtp),
+            "params": sum(r.params for r in mtp_rows),
+            "active_params": sum(r.active_params for r in mtp_rows),
+            "flops_per_token": sum(r.flops_per_token for r in mtp_rows),
+            "kv_cache_bytes_per_token": sum(r.kv_cache_bytes_per_token for r in mtp_rows),
+        },
         "blocks": [asdict(r) for r in rows],
     }
+
+
+def _block_rows(name: str, block, layer_spec, seq_len: int) -> list[BlockRow]:
+    rows = []
+    for slot in ("attention", "ffn"):
+        spec = getattr(layer_spec, slot)
+        count = kind_of(spec).describe(getattr(block, slot), seq_len)
+        rows.append(BlockRow(f"{name}.{slot}", count.label, count.params, count.active_params,
+                             count.flops_per_token, count.kv_cache_bytes_per_token))
+    return rows
+
+
+def _mha_equivalent(block, layer_spec, seq_len: int) -> list[int]:
+    return [kind_of(getattr(layer_spec, slot)).describe(getattr(block, slot), seq_len).kv_cache_bytes_mha_equivalent
+            for slot in ("attention", "ffn")]
+
+
+def _mtp_rows(model, k: int, module, layer_spec, seq_len: int) -> list[BlockRow]:
+    """MTP module k: eh_proj, its block, its norms (enorm, hnorm, the block's two, the head's), and its
+    embedding and head (counted as parameters only where they are its own; the head's FLOPs always)."""
+    name = f"mtp.{k}"
+    eh = numel(module.eh_proj)
+    norms = sum(numel(m) for m in (module.enorm, module.hnorm, module.norm, module.block.attention_norm,
+                                   module.block.ffn_norm))
+    rows = [BlockRow(f"{name}.eh_proj", "linear", eh, eh, 2 * eh),
+            *_block_rows(name, module.block, layer_spec, seq_len),
+            BlockRow(f"{name}.norms", "rmsnorm", norms, norms, 0)]
+    if module.embed is not None:
+        rows.append(BlockRow(f"{name}.embed", "embedding", numel(module.embed), numel(module.embed), 0))
+    head = model.mtp_head(k)
+    own = 0 if module.head is None else head.weight.numel()
+    rows.append(BlockRow(f"{name}.head" + (" (shared)" if module.head is None else ""), "linear", own, own,
+                         2 * head.weight.numel()))
+    return rows
 
 
 def format_description(info: dict) -> str:
@@ -79,12 +124,24 @@ def format_description(info: dict) -> str:
                 return f"{n / size:.2f}{unit}"
         return str(int(n))
 
+    mtp = info["mtp"]
+
+    def apart(total: str, key: str) -> str:  # the MTP modules' share of a total, when there are any
+        if not mtp["depth"]:
+            return ""
+        return f"; main model {human(info[total] - mtp[key])} + MTP modules {human(mtp[key])}"
+
     lines = [
-        f"total parameters        {info['total_params']:>14,}  ({human(info['total_params'])})",
-        f"active per token        {info['active_params']:>14,}  ({human(info['active_params'])})",
-        f"forward FLOPs per token {info['flops_per_token']:>14,}  ({human(info['flops_per_token'])}, T={info['seq_len']})",
+        f"total parameters        {info['total_params']:>14,}  ({human(info['total_params'])}"
+        f"{apart('total_params', 'params')})",
+        f"active per token        {info['active_params']:>14,}  ({human(info['active_params'])}"
+        f"{apart('active_params', 'active_params')})",
+        f"forward FLOPs per token {info['flops_per_token']:>14,}  ({human(info['flops_per_token'])}, "
+        f"T={info['seq_len']}{apart('flops_per_token', 'flops_per_token')})",
         f"KV cache per token      {info['kv_cache_bytes_per_token']:>14,} B  (bf16; an MHA with the same heads: "
         f"{info['kv_cache_bytes_per_token_mha_equivalent']:,} B)",
+        *([f"MTP modules             {mtp['depth']:>14}    (training pays for them; decoding drops them, or drafts "
+           f"with them and caches {mtp['kv_cache_bytes_per_token']:,} B/token more)"] if mtp["depth"] else []),
         "",
         f"{'block':<28}{'kind':<10}{'params':>12}{'active':>12}{'FLOPs/token':>14}{'KV B/token':>12}",
     ]

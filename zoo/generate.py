@@ -49,21 +49,30 @@ def load_run(run_dir: str | Path, *, dtype: torch.dtype = torch.float32):
     from zoo.tokenizer import HF_TOKENIZER_DIR, TOKENIZER_FILENAME, HFTokenizer, Tokenizer
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"run folder {run_dir} does not exist")
+    check_run_folder(run_dir)
     if (run_dir / TOKENIZER_FILENAME).is_file():
         tokenizer, name = Tokenizer.load(run_dir), TOKENIZER_FILENAME
-    elif (run_dir / HF_TOKENIZER_DIR).is_dir():
-        tokenizer, name = HFTokenizer.load(run_dir / HF_TOKENIZER_DIR), f"the tokenizer in {HF_TOKENIZER_DIR}/"
     else:
-        raise RunError(f"run folder {run_dir} has no {TOKENIZER_FILENAME}: evaluation and generation need the "
-                       "run's SentencePiece tokenizer (training writes it with Tokenizer.save(run_dir)), or for an "
-                       f"imported model the source's tokenizer files in {HF_TOKENIZER_DIR}/")
+        tokenizer, name = HFTokenizer.load(run_dir / HF_TOKENIZER_DIR), f"the tokenizer in {HF_TOKENIZER_DIR}/"
     model, spec = load_run_folder(run_dir, dtype=dtype)
     if tokenizer.vocab_size > spec.model.vocab_size:
         raise RunError(f"{run_dir}: {name} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                        f"{spec.model.vocab_size}: the tokenizer does not belong to this model")
     return model, spec, tokenizer
+
+
+def check_run_folder(run_dir: str | Path) -> None:
+    """RunError unless `run_dir` is a folder with a tokenizer, the run's tokenizer.model or an imported
+    model's hf_tokenizer/ (checked before slower work)."""
+    from zoo.tokenizer import HF_TOKENIZER_DIR, TOKENIZER_FILENAME
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run folder {run_dir} does not exist")
+    if not ((run_dir / TOKENIZER_FILENAME).is_file() or (run_dir / HF_TOKENIZER_DIR).is_dir()):
+        raise RunError(f"run folder {run_dir} has no {TOKENIZER_FILENAME}: evaluation and generation need the "
+                       "run's SentencePiece tokenizer (training writes it with Tokenizer.save(run_dir)), or for an "
+                       f"imported model the source's tokenizer files in {HF_TOKENIZER_DIR}/")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from zoo.kinds.routers import SigmoidGroupTopKRouterSpec, SoftmaxTopKRouterSpec
 
 __all__ = [
     "DataSpec", "DeepSpeedSpec", "DynamicNTKScaling", "EvalSpec", "LayerOverride", "LayerSpec", "LinearScaling",
-    "MHASpec", "MLASpec", "MLPSpec", "ModelSpec", "MoESpec", "NoScaling", "RopeSpec", "RunSpec",
+    "MHASpec", "MLASpec", "MLPSpec", "MTPSpec", "ModelSpec", "MoESpec", "NoScaling", "RopeSpec", "RunSpec",
     "SigmoidGroupTopKRouterSpec", "SoftmaxTopKRouterSpec", "Spec", "TrainSpec", "YarnScaling",
 ]
 
@@ -65,12 +65,24 @@ class LayerSpec(Spec):
     ffn: FFNSpec
 
 
+class MTPSpec(Spec):
+    """Multi-token prediction (DeepSeek-V3, arXiv 2412.19437 section 2.2): `depth` modules after the main
+    model, module k (1..depth) predicting at position t the token t+1+k, each one transformer block of the
+    model's `attention` and `ffn`. 0 = off."""
+
+    depth: int = Field(0, ge=0, description="sequential MTP modules (DeepSeek-V3 and GLM-4.5 release 1); 0 = off")
+    loss_weight: float = Field(0.3, ge=0.0, description="lambda: the training loss adds lambda x the mean of the "
+                               "depths' cross-entropies (DeepSeek-V3: 0.3 for its first 10T tokens, then 0.1)")
+    share_embedding: bool = Field(True, description="the modules embed with the main model's embedding")
+    share_head: bool = Field(True, description="the modules' logits come from the main model's LM head")
+
+
 class ModelSpec(Spec):
     """A decoder-only LM: embedding, `n_layers` pre-norm blocks, final RMSNorm, LM head.
 
     Every layer uses `attention` and `ffn`, except the first `first_k_dense` layers, which use
     `dense_ffn` (DeepSeek's first_k_dense_replace), and layers selected by `overrides` (applied in
-    order, later ones win).
+    order, later ones win). `mtp` adds multi-token-prediction modules after the last layer.
     """
 
     vocab_size: int = Field(4096, ge=2)
@@ -85,6 +97,7 @@ class ModelSpec(Spec):
     first_k_dense: int = Field(0, ge=0)
     dense_ffn: MLPSpec | None = None
     overrides: list[LayerOverride] = []
+    mtp: MTPSpec = MTPSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -103,11 +116,13 @@ class ModelSpec(Spec):
                 raise ValueError(
                     f"overrides[{i}].layers has {bad}, outside 0..{self.n_layers - 1} (n_layers={self.n_layers})"
                 )
-        for index, layer in enumerate(self.layer_specs()):
+        layers = [(f"layer {i}", layer) for i, layer in enumerate(self.layer_specs())]
+        layers += [(f"MTP module {k + 1}", layer) for k, layer in enumerate(self.mtp_layer_specs())]
+        for where, layer in layers:
             for slot, spec in (("attention", layer.attention), ("ffn", layer.ffn)):
                 check = kind_of(spec).check
                 if check is not None:
-                    check(spec, d_model=self.d_model, where=f"layer {index} {slot}")
+                    check(spec, d_model=self.d_model, where=f"{where} {slot}")
         return self
 
     def training_warnings(self) -> list[str]:
@@ -133,6 +148,10 @@ class ModelSpec(Spec):
             layers.append(LayerSpec(attention=attention, ffn=ffn))
         return layers
 
+    def mtp_layer_specs(self) -> list[LayerSpec]:
+        """The block of each MTP module: the model's own `attention` and `ffn` (overrides name main layers only)."""
+        return [LayerSpec(attention=self.attention, ffn=self.ffn)] * self.mtp.depth
+
 
 # ----------------------------------------------------------------------------- run
 
@@ -143,8 +162,12 @@ class TrainSpec(Spec):
     steps: int = Field(200, ge=1)
     micro_batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    muon_lr: float = Field(0.02, gt=0.0)
-    adam_lr: float = Field(3e-3, gt=0.0)
+    optimizer: Literal["muon", "adamw"] = Field(
+        "muon", description="muon: Muon (muon_lr) for hidden matrices, AdamW (adam_lr) for embeddings, head, "
+                            "routers, norms and biases; adamw: every parameter on AdamW at adam_lr")
+    muon_lr: float = Field(0.02, gt=0.0, description="Muon's peak LR (train.optimizer=muon)")
+    adam_lr: float = Field(3e-3, gt=0.0, description="AdamW's peak LR: the non-Muon parameters, or all of them "
+                                                     "under train.optimizer=adamw")
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
@@ -222,5 +245,11 @@ class RunSpec(Spec):
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len}); "
                 "lower data.seq_len or raise model.max_seq_len"
+            )
+        depth = self.model.mtp.depth
+        if depth and self.data.seq_len < depth + 2:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) leaves MTP module {depth} (model.mtp.depth) no token to "
+                f"predict: it predicts token t+{depth + 1}; use data.seq_len >= {depth + 2}"
             )
         return self

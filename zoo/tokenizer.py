@@ -45,6 +45,10 @@ class Tokenizer:
     def eos_id(self) -> int:
         return self._sp.eos_id()
 
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 

@@ -49,6 +49,12 @@ class LayerCache:
         self.length = end
         return tuple(buf[..., :end, :] for buf in self._buffers)
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding drops the keys of rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
     def nbytes_per_position(self) -> int:
         """Bytes one position of one sequence occupies (0 before the first append)."""
         if self._buffers is None:
@@ -65,6 +71,10 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def truncate(self, length: int) -> None:
+        for layer in self.layers:
+            layer.truncate(length)
 
     def nbytes_per_token(self) -> int:
         """Cache bytes per position per sequence, summed over layers (in the cache's own dtype)."""

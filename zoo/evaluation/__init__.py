@@ -10,6 +10,7 @@ model_args="pretrained=RUN_DIR", ...)` then works too).
 """
 
 from zoo.evaluation.lm import EvalError, ZooLM
-from zoo.evaluation.tasks import LOCAL_TASKS, hellaswag_accuracy, hellaswag_docs, local_task
+from zoo.evaluation.local_tasks import local_task
+from zoo.evaluation.tasks import hellaswag_accuracy, hellaswag_docs
 
-__all__ = ["LOCAL_TASKS", "EvalError", "ZooLM", "hellaswag_accuracy", "hellaswag_docs", "local_task"]
+__all__ = ["EvalError", "ZooLM", "hellaswag_accuracy", "hellaswag_docs", "local_task"]

@@ -1,16 +1,16 @@
 """`zoo eval`: lm-eval tasks and held-out perplexity for a run folder; a table, a JSON file, TensorBoard.
 
-    results = run_tasks(lm, ["hellaswag"], data_files={"hellaswag": "../shared/data/hellaswag_val.jsonl"}, limit=500)
+    tasks = prepare_tasks(["sciq"], {"sciq": "../shared/data/sciq_val.jsonl"}, limit=50)
+    results = run_tasks(lm, tasks, limit=50)
     ppl = perplexity(lm, "heldout.txt")
 
-Tasks named in `data_files` are lm-eval's own tasks reading the local file (see tasks.py); the rest
-load from the hub through lm-eval's TaskManager, for users who are online.
+Every task name is looked up in lm-eval's own registry (TaskManager). Tasks named in `data_files`
+are lm-eval's tasks reading the local file (see local_tasks.py); the rest load from the hub, for
+users who are online.
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
 import json
 import math
 import re
@@ -21,29 +21,14 @@ from pathlib import Path
 from lm_eval.api.instance import Instance
 
 from zoo.evaluation.lm import EvalError, ZooLM
-from zoo.evaluation.tasks import LOCAL_TASKS, local_task
+from zoo.evaluation.local_tasks import check_data_file, local_task, task_entry, task_manager
+from zoo.generate import check_run_folder
 
 # Enough draws for a stable stderr of perplexity-type metrics (lm-eval's default of 100,000 takes
 # minutes on a laptop); `mean` metrics such as acc have a closed-form stderr and ignore this.
 BOOTSTRAP_ITERS = 1000
 TENSORBOARD_PREFIX = "eval"
 HUB_MODULES = ("huggingface_hub", "requests", "urllib3", "httpx", "fsspec")  # where hub and network errors come from
-
-
-@functools.cache
-def _hub_task_manager():
-    """lm-eval's index of its ~15k task YAMLs: seconds to build, so once per process."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager()
-
-
-def _check_hub_names(manager, names: list[str]) -> None:
-    for name in names:
-        if name not in manager.all_tasks:
-            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; `lm_eval ls tasks` lists them"
-            raise EvalError(f"unknown task {name!r}{hint}")
 
 
 def _from_the_hub(err: BaseException | None) -> bool:
@@ -56,40 +41,45 @@ def _from_the_hub(err: BaseException | None) -> bool:
 
 
 def check_task_names(tasks: list[str], data_files: dict[str, str]) -> None:
-    """Fail fast, before any model loads, on what can be judged without the hub."""
+    """Fail fast, before lm-eval's registry loads, on what can be judged without it."""
     for name in data_files:
         if name not in tasks:
             raise EvalError(f"--data-file {name}=...: {name} is not in --tasks ({','.join(tasks) or 'none'})")
-        if name not in LOCAL_TASKS:
-            raise EvalError(f"--data-file {name}=...: no local version of task {name!r}; "
-                            f"local files work for {', '.join(LOCAL_TASKS)} (other tasks load from the hub)")
-        if not Path(data_files[name]).is_file():
-            raise EvalError(f"--data-file {name}={data_files[name]}: no such file")
+        check_data_file(name, data_files[name])
 
 
-def run_tasks(lm: ZooLM, tasks: list[str], *, data_files: dict[str, str] | None = None,
-              limit: int | None = None) -> dict:
-    """lm-eval's results dict (`results`, `n-samples`, ...) for `tasks`, zero-shot."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
+def prepare_tasks(tasks: list[str], data_files: dict[str, str] | None = None, *, limit: int | None = None,
+                  manager=None) -> list:
+    """What `run_tasks` takes: for a name in `data_files`, lm-eval's task reading that file (built now,
+    so a file that does not fit the task fails before any model loads); for any other, the name, checked
+    against lm-eval's registry (a hub task stays a name, so that a group such as mmlu keeps its
+    aggregate score)."""
     data_files = data_files or {}
     check_task_names(tasks, data_files)
-    local = [local_task(name, data_files[name]) for name in tasks if name in data_files]
-    hub = [name for name in tasks if name not in data_files]
-    # Local tasks are built already; an index of lm-eval's ~15k task YAMLs is only needed for hub names
-    # (which stay names, so that a group such as mmlu keeps its aggregate score).
-    manager = _hub_task_manager() if hub else TaskManager(include_defaults=False)
-    _check_hub_names(manager, hub)
+    manager = manager or task_manager()
+    prepared = []
+    for name in tasks:
+        task_entry(name, manager)
+        prepared.append(local_task(name, data_files[name], manager=manager, limit=limit) if name in data_files
+                        else name)
+    return prepared
+
+
+def run_tasks(lm: ZooLM, tasks: list, *, limit: int | None = None, manager=None) -> dict:
+    """lm-eval's results dict (`results`, `n-samples`, ...) for `tasks` (hub names, or prepare_tasks'
+    list), zero-shot unless a task's YAML says otherwise."""
+    from lm_eval import simple_evaluate
+
+    hub = [task for task in tasks if isinstance(task, str)]
     try:
-        return simple_evaluate(model=lm, tasks=local + hub, task_manager=manager, limit=limit,
+        return simple_evaluate(model=lm, tasks=tasks, task_manager=manager or task_manager(), limit=limit,
                                bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
     except Exception as err:  # offline, gated or renamed data sets fail deep inside datasets/huggingface_hub
         if not (hub and _from_the_hub(err)):
             raise
-        offline = [name for name in hub if name in LOCAL_TASKS]
-        fix = f"offline, use --data-file {offline[0]}=PATH" if offline else "check the network and the task's data set"
-        raise EvalError(f"could not load {', '.join(hub)} from the hub ({type(err).__name__}); {fix}") from err
+        raise EvalError(f"could not load {', '.join(hub)} from the hub ({type(err).__name__}); offline, give "
+                        f"a local file of the split it evaluates: --data-file {hub[0]}=PATH "
+                        "(.jsonl, .json or .parquet)") from err
 
 
 def perplexity(lm: ZooLM, path: str | Path, *, limit: int | None = None) -> dict:
@@ -179,6 +169,7 @@ def eval_run(
     limit: int | None = None,
     ppl: str | Path | None = None,
     batch_size: int | None = None,
+    max_length: int | None = None,
     output: str | Path | None = None,
     step: int | None = None,
 ) -> dict:
@@ -190,14 +181,13 @@ def eval_run(
     if limit is not None and limit < 1:
         raise EvalError(f"--limit {limit} must be >= 1")
     check_task_names(tasks, data_files)
-    hub = [name for name in tasks if name not in data_files]
-    if hub:
-        _check_hub_names(_hub_task_manager(), hub)
     if ppl is not None and not Path(ppl).is_file():
         raise EvalError(f"--ppl {ppl}: no such file")
-    lm = ZooLM(str(run_dir), batch_size=batch_size)
+    check_run_folder(run_dir)  # before lm-eval's registry and the data load, which take seconds
+    prepared = prepare_tasks(tasks, data_files, limit=limit) if tasks else []
+    lm = ZooLM(str(run_dir), batch_size=batch_size, max_length=max_length)
     start = time.perf_counter()
-    results = run_tasks(lm, tasks, data_files=data_files, limit=limit) if tasks else None
+    results = run_tasks(lm, prepared, limit=limit) if prepared else None
     ppl_result = perplexity(lm, ppl, limit=limit) if ppl is not None else None
     seconds = time.perf_counter() - start
     record = {**summary(results, ppl_result), "run_dir": str(run_dir), "limit": limit, "data_files": data_files,

@@ -4,6 +4,11 @@
     lm = ZooLM(model=model, tokenizer=tok, max_length=spec.data.seq_len)   # during training
     lm_eval.simple_evaluate(model=lm, tasks=[...])      # or: zoo eval RUN_DIR --tasks ...
 
+From a run folder the context (`max_length`) is the model's `max_seq_len`, what its positions support,
+as lm-eval's `hf` class reads it from an export's `max_position_embeddings`; `max_length=` (`zoo eval
+--max-length`) may lower it, e.g. to the training block length `data.seq_len`. An item that cannot be
+scored is an error naming which of these limits refused it.
+
 It subclasses lm-eval's `TemplateLM`, so a (context, continuation) request is split into tokens by
 lm-eval's own code (`TemplateLM._encode_pair`: trailing spaces of the context move to the
 continuation, the pair is encoded whole and the context's tokens cut off the front; an empty context
@@ -68,11 +73,24 @@ class ZooLM(TemplateLM):
                 raise EvalError(f"dtype={dtype!r} is not a torch dtype; use float32 or bfloat16")
             model, spec, tokenizer = load_run(pretrained, dtype=getattr(torch, dtype))
             model = model.to(device or "cpu")
-            # The length it trained on: positions past data.seq_len (up to model.max_seq_len) were never
-            # seen, and scoring there would make `zoo eval --ppl` worse than val/ppl for no reason.
-            max_length = max_length or spec.data.seq_len
+            # The model's context (what its positions support, and what lm-eval's hf class reads from an
+            # export's max_position_embeddings), not the training block length data.seq_len.
+            positions = spec.model.max_seq_len
+            if max_length is None:
+                max_length = positions
+                self._limit = (f"{positions} tokens, the model's context (model.max_seq_len of {pretrained}, "
+                               "what its positions support, fixed when it was built)")
+            elif not 1 <= int(max_length) <= positions:
+                raise EvalError(f"max_length={max_length} (zoo eval --max-length) must be in [1, {positions}], "
+                                f"the model's context (model.max_seq_len of {pretrained})")
+            else:
+                self._limit = (f"{max_length} tokens, the max_length asked for (zoo eval --max-length); raise it "
+                               f"up to {positions}, the model's context (model.max_seq_len)")
         elif tokenizer is None:  # an in-memory model stays where it is (`device` is ignored)
             raise EvalError("ZooLM(model=...) also needs tokenizer= (encode/decode/eos_id)")
+        else:
+            self._limit = (f"{max_length} tokens, the max_length ZooLM was given" if max_length else
+                           f"{DEFAULT_MAX_LENGTH} tokens, lm-eval's default max_length (ZooLM was given none)")
         self.model, self.tokenizer = model, tokenizer
         self._max_length = int(max_length or DEFAULT_MAX_LENGTH)
         # "auto" (lm-eval's CLI) has no meaning on CPU: take the default.
@@ -135,17 +153,20 @@ class ZooLM(TemplateLM):
         def shared_prefix(req):  # one-token continuations after the same context are scored once
             return req[-2] + req[-1][:-1]
 
+        # Checked before any scoring: an item that cannot be scored stops the run before it spends time.
+        if any(not continuation for _, _, continuation in requests):
+            raise EvalError("a request has an empty continuation: nothing to score")
+        longest = max((len(continuation) for _, _, continuation in requests), default=0)
+        if longest > self.max_length:
+            too_long = sum(len(continuation) > self.max_length for _, _, continuation in requests)
+            raise EvalError(f"{too_long} of {len(requests)} requests have a continuation longer than the limit (the "
+                            f"longest: {longest} tokens), which cannot be scored: the limit is {self._limit}")
         reordered = Collator(requests, sort_fn=longest_first, group_by="contexts", group_fn=shared_prefix)
         results = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="zoo loglikelihood")
         for chunk in reordered.get_batched(n=self.batch_size):
             inputs, input_lens = [], []
             for _, context, continuation in chunk:
-                if not continuation:
-                    raise EvalError("a request has an empty continuation: nothing to score")
-                if len(continuation) > self.max_length:
-                    raise EvalError(f"a continuation of {len(continuation)} tokens exceeds the model's context "
-                                    f"({self.max_length}); it cannot be scored")
                 # Left-truncate to the context window; the last token is only ever a target.
                 inputs.append((context + continuation)[-(self.max_length + 1):][:-1])
                 input_lens.append(len(inputs[-1]))
@@ -198,7 +219,7 @@ class ZooLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=None)
             max_gen_toks = kwargs.pop("max_gen_toks")
             if max_gen_toks >= self.max_length:
-                raise EvalError(f"max_gen_toks ({max_gen_toks}) must be below the model's context ({self.max_length})")
+                raise EvalError(f"max_gen_toks ({max_gen_toks}) must be below the context: the limit is {self._limit}")
             sampling = Sampling(
                 temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
                 top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),

@@ -1,16 +1,10 @@
-"""Tasks on local files that score exactly as lm-eval's hub tasks, and HellaSwag for the training loop.
+"""HellaSwag in memory, for the training loop: the numbers lm-eval's `hellaswag` task gives.
 
-Local tasks (`zoo eval --data-file TASK=PATH`) are not re-implementations: `local_task` loads
-lm-eval's own YAML for the task (its `process_docs`, prompt, target delimiter, choices, metrics) and
-changes only where the evaluation split comes from: `dataset_path: json` with `data_files` pointing
-at the local JSON-lines file. Every line of task logic is lm-eval's, so a local score equals the hub
-score whenever the file holds the hub split's records in the hub's order (../shared/data's
-hellaswag_val.jsonl and lambada_openai_test.jsonl are the original releases the hub sets come from).
-
-`hellaswag_accuracy` is the in-memory path for training: it reads the first `limit` records itself,
-builds the same requests as lm-eval's task (lm-eval's `preprocess`, query + " " + ending), scores
-them with `ZooLM.loglikelihood` (the code `zoo eval` runs) and computes acc / acc_norm as lm-eval's
-multiple-choice `process_results` does. tests/test_evaluation_lm_eval.py checks both against lm-eval.
+`hellaswag_accuracy` reads the first `limit` records of a HellaSwag JSON-lines file itself, builds the
+same requests as lm-eval's task (lm-eval's `preprocess`, query + " " + ending), scores them with
+`ZooLM.loglikelihood` (the code `zoo eval` runs) and computes acc / acc_norm as lm-eval's
+multiple-choice `process_results` does. tests/test_evaluation_lm_eval.py checks it against lm-eval's
+task read from the same file (zoo.evaluation.local_tasks).
 """
 
 from __future__ import annotations
@@ -24,45 +18,7 @@ from torch import nn
 
 from zoo.evaluation.lm import EvalError, ZooLM
 
-# Task name -> its YAML under lm_eval/tasks/. Other tasks run from the hub (`zoo eval --tasks NAME`).
-LOCAL_TASKS = {
-    "hellaswag": "hellaswag/hellaswag.yaml",
-    "lambada_openai": "lambada/lambada_openai.yaml",
-}
 TARGET_DELIMITER = " "  # lm-eval's TaskConfig default, which hellaswag.yaml keeps
-
-
-def local_task(name: str, path: str | Path):
-    """lm-eval's task `name` with its evaluation split read from the JSON-lines file `path`."""
-    import lm_eval.tasks
-    from lm_eval.api.task import ConfigurableTask
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    if name not in LOCAL_TASKS:
-        raise EvalError(f"--data-file {name}=...: no local version of task {name!r}; "
-                        f"local files work for {', '.join(LOCAL_TASKS)} (other tasks load from the hub)")
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"--data-file {name}={path}: no such file")
-    config = load_yaml(Path(lm_eval.tasks.__file__).parent / LOCAL_TASKS[name], resolve_func=True)
-    split = config.get("test_split") or config["validation_split"]
-    for key in ("tag", "group", "task_list"):  # what lm-eval's TaskFactory strips before building a task
-        config.pop(key, None)
-    config.update(
-        dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: str(path.resolve())}},
-        # Only the evaluated split exists locally (zero-shot: no few-shot split is needed).
-        training_split=None, fewshot_split=None,
-        validation_split=split if config.get("validation_split") == split else None,
-    )
-    config["metadata"] = {**config.get("metadata", {}), "data_file": str(path.resolve())}
-    try:
-        return ConfigurableTask(config=config)
-    except Exception as err:  # a malformed file surfaces deep inside datasets or the task's templates
-        raise EvalError(f"--data-file {name}={path}: cannot read it as lm-eval's {name} data "
-                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
-
-
-# ----------------------------------------------------------------------------- HellaSwag in memory
 
 
 def hellaswag_docs(path: str | Path, limit: int | None = None) -> list[dict]:

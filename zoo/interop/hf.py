@@ -15,13 +15,16 @@ Split by topic: `families/` holds one module per format (its config.json fields 
 `hf_config` reads config.json and picks the format a spec is written as, `hf_weights` maps tensor names
 and layouts (the name map is in its docstring), and this module puts them together.
 
-Not carried over, by design: training-only fields (the routing-bias update rate, the auxiliary losses
-and router noise: import takes the spec defaults, export drops them; `attention_dropout` and Mixtral's
-`router_jitter_noise` are dropped with a warning); multi-token-prediction layers
-(`model.layers.{num_hidden_layers}.*` in released DeepSeek-V3/GLM-4.5 checkpoints: dropped on import,
-none written); `num_key_value_heads` of a `deepseek_v3` config (MLA gives every head its own key, the
-field changes no weight; export writes n_heads). Anything else a format cannot say is an error naming
-the field.
+Multi-token-prediction modules (`model.mtp`) are the layers after the last, as the released
+DeepSeek-V3 / GLM-4.5 checkpoints store them (`zoo.interop.hf_mtp`): read on import, written on export
+(only `deepseek_v3` and `glm4_moe` hold them; the other formats refuse a spec with model.mtp);
+`to_hf_model` leaves them out (transformers has no MTP modules).
+
+Not carried over, by design: training-only fields (the routing-bias update rate, the auxiliary losses,
+router noise and the MTP loss weight: import takes the spec defaults, export drops them;
+`attention_dropout` and Mixtral's `router_jitter_noise` are dropped with a warning);
+`num_key_value_heads` of a `deepseek_v3` config (MLA gives every head its own key, the field changes
+no weight; export writes n_heads). Anything else a format cannot say is an error naming the field.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from zoo.interop.hf_config import (  # noqa: F401  (spec_from_hf_config: part of
     transformers_module,
 )
 from zoo.interop.families.common import DroppedField
+from zoo.interop.hf_mtp import is_mtp_key, spec_from_checkpoint
 from zoo.interop.hf_weights import SafetensorsDir, hf_tensors, load_hf_weights, write_safetensors
 from zoo.overrides import SpecError
 from zoo.specs import DataSpec, ModelSpec, RunSpec
@@ -61,9 +65,10 @@ def from_hf(path: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[De
     """Read a transformers directory of a supported model_type: (model in eval mode, spec)."""
     path = Path(path)
     config = read_hf_config(path)
-    spec = spec_from_hf_config(config)
+    tensors = SafetensorsDir(path)
+    spec = spec_from_checkpoint(config, tensors)
     model = build(spec).to(dtype)
-    load_hf_weights(model, spec, config.model_type, SafetensorsDir(path))
+    load_hf_weights(model, spec, config.model_type, tensors)
     return model.eval(), spec
 
 
@@ -114,9 +119,10 @@ def to_hf_model(model: nn.Module, spec: ModelSpec | RunSpec, **from_config_kwarg
     weight = model.embed.weight
     hf_model = transformers.AutoModelForCausalLM.from_config(config, dtype=weight.dtype, **from_config_kwargs)
     hf_model.to(weight.device)
-    missing, unexpected = hf_model.load_state_dict(
-        hf_tensors(model, spec, fields["model_type"], stacked=True), strict=False
-    )
+    # transformers has no MTP modules: the model it builds is the main one
+    tensors = {k: v for k, v in hf_tensors(model, spec, fields["model_type"], stacked=True).items()
+               if not is_mtp_key(k, spec.n_layers)}
+    missing, unexpected = hf_model.load_state_dict(tensors, strict=False)
     missing = [name for name in missing if not (spec.tie_embeddings and name == "lm_head.weight")]
     if missing or unexpected:
         raise SpecError(f"to_hf_model: weights that do not map: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -140,7 +146,9 @@ def import_hf(source: str | Path, run_dir: str | Path) -> list[str]:
     save_run_folder(model, RunSpec(model=spec, data=data), run_dir)
     kind = json.loads((source / "config.json").read_text())["model_type"]
     n_params = sum(p.numel() for p in model.parameters())
-    lines = [f"imported {kind} ({spec.n_layers} layers, {n_params / 1e6:.2f}M parameters) from {source} into {run_dir}"]
+    mtp = f", {spec.mtp.depth} MTP module{'s' if spec.mtp.depth > 1 else ''}" if spec.mtp.depth else ""
+    lines = [f"imported {kind} ({spec.n_layers} layers{mtp}, {n_params / 1e6:.2f}M parameters) from {source} "
+             f"into {run_dir}"]
     lines += [f"warning: {warning.message}" for warning in caught if issubclass(warning.category, DroppedField)]
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     if copied:
@@ -156,25 +164,34 @@ def import_hf(source: str | Path, run_dir: str | Path) -> list[str]:
 
 
 def export_hf(run_dir: str | Path, out: str | Path) -> list[str]:
-    """`zoo export-hf`: a run folder -> a transformers directory (with hf_tokenizer/'s files, if any)."""
+    """`zoo export-hf`: a run folder -> a transformers directory with a tokenizer: the run's SentencePiece
+    model converted (zoo.interop.hf_tokenizer), else hf_tokenizer/'s files, if any."""
     from zoo.checkpoint import load_run_folder
+    from zoo.interop.hf_tokenizer import special_token_ids, write_hf_tokenizer
+    from zoo.tokenizer import TOKENIZER_FILENAME, Tokenizer
 
     run_dir, out = Path(run_dir), Path(out)
     model, run = load_run_folder(run_dir)
     tokenizer_dir = run_dir / HF_TOKENIZER_DIR
+    tokenizer = Tokenizer.load(run_dir) if (run_dir / TOKENIZER_FILENAME).is_file() else None
     special_tokens = None
     generation = tokenizer_dir / "generation_config.json"
-    if generation.is_file():
+    if tokenizer is not None:
+        special_tokens = special_token_ids(tokenizer)
+    elif generation.is_file():
         special_tokens = {k: v for k, v in json.loads(generation.read_text()).items() if k in SPECIAL_TOKENS}
     to_hf(model, run.model, out, special_tokens=special_tokens)
     kind = json.loads((out / "config.json").read_text())["model_type"]
     lines = [f"exported {run_dir} as {kind} to {out} (AutoModelForCausalLM.from_pretrained loads it)"]
-    if tokenizer_dir.is_dir():
+    if tokenizer is not None:
+        written = write_hf_tokenizer(tokenizer, out, model_max_length=run.model.max_seq_len)
+        lines.append(f"wrote the run's tokenizer as {', '.join(written)} (AutoTokenizer.from_pretrained loads it)")
+    elif tokenizer_dir.is_dir():
         copied = [p.name for p in sorted(tokenizer_dir.iterdir()) if p.is_file() and p.name != "generation_config.json"]
         for name in copied:
             shutil.copy2(tokenizer_dir / name, out / name)
         if copied:
             lines.append(f"copied tokenizer files {', '.join(copied)}")
     else:
-        lines.append("no hf_tokenizer/ in the run folder: the export has no tokenizer files")
+        lines.append(f"no {TOKENIZER_FILENAME} or {HF_TOKENIZER_DIR}/ in the run folder: the export has no tokenizer files")
     return lines

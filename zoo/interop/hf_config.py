@@ -20,6 +20,7 @@ from zoo.interop.families.common import (
     make,
     one_attention,
 )
+from zoo.interop.hf_mtp import check_exportable
 from zoo.kinds import kind_of
 from zoo.overrides import SpecError
 from zoo.specs import ModelSpec, RunSpec
@@ -109,6 +110,7 @@ def _first_format(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
     """(model_type, its format-specific config fields) of the first format that expresses `spec`. The
     formats that hold every kind the spec uses, and that the spec resembles where there are any, say
     which field they cannot express; where none holds them all, the kinds are named."""
+    check_exportable(spec)
     attention = one_attention(spec)
     candidates = [model_type for model_type in SUPPORTED if model_type in kind_of(attention).hf_formats]
     if not candidates:

@@ -12,7 +12,8 @@ Name map (HF -> zoo): model.embed_tokens -> embed, model.norm -> norm, lm_head -
 model.layers.{i}.input_layernorm / post_attention_layernorm -> layers.{i}.attention_norm / ffn_norm;
 self_attn.* -> attention.* (DeepSeek: q_a_layernorm -> q_a_norm, kv_a_proj_with_mqa -> kv_a_proj,
 kv_a_layernorm -> kv_a_norm); mlp.gate.{weight, e_score_correction_bias} -> ffn.router.*; mlp.* -> ffn.*
-(Mixtral's released names: block_sparse_moe for mlp).
+(Mixtral's released names: block_sparse_moe for mlp). Multi-token-prediction modules are the layers
+after the last (zoo.interop.hf_mtp).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from safetensors.torch import save_file
 
 from zoo.blocks.model import DecoderLM
 from zoo.interop.families import FAMILIES
+from zoo.interop.hf_mtp import HF_NAME_RULE, layer_style_name, shared_copies
 from zoo.overrides import SpecError
 from zoo.specs import ModelSpec, MoESpec
 
 _EXPERTS = re.compile(r"layers\.(\d+)\.ffn\.experts\.(gate_up_proj|down_proj)")
-_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class SafetensorsDir:
@@ -85,6 +86,7 @@ def hf_name(name: str, model_type: str, *, stacked: bool = False) -> str:
         (r"layers\.(\d+)\.ffn_norm\.(.+)", r"model.layers.\1.post_attention_layernorm.\2"),
         (r"layers\.(\d+)\.ffn\.router\.(.+)", rf"model.layers.\1.{ffn}.gate.\2"),
         (r"layers\.(\d+)\.ffn\.(.+)", rf"model.layers.\1.{ffn}.\2"),
+        HF_NAME_RULE,
     )
     match = re.fullmatch(r"layers\.(\d+)\.attention\.(\w+)\.(.+)", name)
     if match:
@@ -114,20 +116,21 @@ def stacked_experts(
 
 
 def load_hf_weights(model: DecoderLM, spec: ModelSpec, model_type: str, tensors: SafetensorsDir) -> None:
-    layers = spec.layer_specs()
+    layers = spec.layer_specs() + spec.mtp_layer_specs()
     state = {}
     for name, target in model.state_dict().items():
         if spec.tie_embeddings and name == "lm_head.weight":
             continue  # the same tensor as embed.weight
-        experts = _EXPERTS.fullmatch(name)
+        layer_name = layer_style_name(name, spec.n_layers)
+        experts = _EXPERTS.fullmatch(layer_name)
         if experts:
             layer = int(experts[1])
             value = stacked_experts(tensors, layer, experts[2], layers[layer].ffn.n_experts, model_type)
             key = f"model.layers.{layer}.mlp.experts (stacked {experts[2]})"
         else:
-            key = hf_name(name, model_type)
+            key = hf_name(layer_name, model_type)
             if key not in tensors:  # saved with transformers' in-memory names (save_original_format=False)
-                key = hf_name(name, model_type, stacked=True)
+                key = hf_name(layer_name, model_type, stacked=True)
             value = tensors.get(key)
         if tuple(value.shape) != tuple(target.shape):
             raise SpecError(f"{tensors.path}: {key} has shape {tuple(value.shape)} in the checkpoint but "
@@ -138,9 +141,6 @@ def load_hf_weights(model: DecoderLM, spec: ModelSpec, model_type: str, tensors:
     model.load_state_dict(state, strict=True)
 
     def ignorable(key: str) -> bool:
-        layer = _LAYER_INDEX.match(key)
-        if layer and int(layer[1]) >= spec.n_layers:
-            return True  # multi-token-prediction layers
         if spec.tie_embeddings and key == "lm_head.weight":
             return True
         if ".mlp.shared_experts." in key and math.prod(tensors.shape(key)) == 0:
@@ -161,10 +161,11 @@ def hf_tensors(
 ) -> dict[str, torch.Tensor]:
     """The model's weights under HF names, experts one by one as released checkpoints store them
     (`stacked`: as transformers v5 modules hold them, gate_up_proj (E, 2F, D) and down_proj (E, D, F))."""
-    out = {}
+    out = shared_copies(model, spec)
     for name, tensor in model.state_dict().items():
         if spec.tie_embeddings and name == "lm_head.weight":
             continue
+        name = layer_style_name(name, spec.n_layers)
         experts = _EXPERTS.fullmatch(name)
         if experts and stacked:
             out[f"model.layers.{experts[1]}.mlp.experts.{experts[2]}"] = tensor.detach()
@@ -183,7 +184,7 @@ def hf_tensors(
                 out[f"{prefix}.{e}.{gate}.weight"] = gate_FD.clone()
                 out[f"{prefix}.{e}.{up}.weight"] = up_FD.clone()
     # transformers builds a zero-width shared expert when n_shared_experts = 0; give it its empty weights
-    for index, layer in enumerate(spec.layer_specs()):
+    for index, layer in enumerate(spec.layer_specs() + spec.mtp_layer_specs()):
         if (FAMILIES[model_type].empty_shared_experts and isinstance(layer.ffn, MoESpec)
                 and layer.ffn.n_shared_experts == 0):
             prefix = f"model.layers.{index}.mlp.shared_experts"

@@ -21,7 +21,8 @@ SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN: both are x * sigmoid(x)
 @dataclass(frozen=True)
 class Layout:
     """A spec as the HF formats see it: one attention for every layer, one dense MLP for the layers
-    listed in `dense_layers`, one MoE for the others."""
+    listed in `dense_layers`, one MoE for the others. Layers are numbered as checkpoints store them:
+    the multi-token-prediction modules' layers follow the last (zoo.interop.hf_mtp)."""
 
     attention: Spec
     dense: MLPSpec | None
@@ -142,7 +143,7 @@ def layout(spec: ModelSpec) -> Layout:
     """The spec's Layout. Overrides are fine as long as the resolved layers still fit one attention, one
     dense MLP and one MoE."""
     attention = one_attention(spec)
-    layers = spec.layer_specs()
+    layers = spec.layer_specs() + spec.mtp_layer_specs()
     dense_layers = tuple(i for i, layer in enumerate(layers) if not isinstance(layer.ffn, MoESpec))
     dense = layers[dense_layers[0]].ffn if dense_layers else None
     moe = next((layer.ffn for layer in layers if isinstance(layer.ffn, MoESpec)), None)
@@ -187,6 +188,12 @@ def dense_layer_fields(dense_layers: list[int], dense: MLPSpec | None) -> dict[s
     if dense_layers == list(range(len(dense_layers))):
         return dict(first_k_dense=len(dense_layers), dense_ffn=dense)
     return dict(overrides=[LayerOverride(layers=dense_layers, ffn=dense)])
+
+
+def check_no_mtp(spec: ModelSpec, model_type: str) -> None:
+    """Only deepseek_v3 and glm4_moe checkpoints hold multi-token-prediction layers."""
+    require(spec.mtp.depth, 0, "model.mtp.depth", model_type,
+            "has no multi-token-prediction layers (deepseek_v3 and glm4_moe have); set it to 0")
 
 
 def check_softmax_moe(moe: MoESpec, model_type: str) -> None:

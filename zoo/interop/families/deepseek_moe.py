@@ -82,5 +82,4 @@ def ffn_to_hf(layout: Layout, model_type: str, *, overridden: bool) -> dict[str,
         fields,
         intermediate_size=dense.d_hidden if dense else moe.d_expert,  # unused without dense layers
         first_k_dense_replace=n_dense,
-        num_nextn_predict_layers=0,  # no multi-token-prediction layers
     )

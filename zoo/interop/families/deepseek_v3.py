@@ -50,6 +50,7 @@ def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
         rope_parameters=rope_to_hf(attention.rope, spec, where="model.attention.rope", model_type=MODEL_TYPE,
                                    softmax_mscale=True),
         **ffn_to_hf(layout, MODEL_TYPE, overridden=bool(spec.overrides)),
+        num_nextn_predict_layers=spec.mtp.depth,  # the MTP modules' layers (zoo.interop.hf_mtp)
     )
 
 

@@ -34,6 +34,7 @@ def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
         use_qk_norm=attention.qk_norm == "head",
         attention_bias=attention.qkv_bias,
         **ffn_to_hf(layout, MODEL_TYPE, overridden=bool(spec.overrides)),
+        num_nextn_predict_layers=spec.mtp.depth,  # the MTP modules' layers (zoo.interop.hf_mtp)
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.interop.families.common import Family, Layout, check_softmax_moe, make, require
+from zoo.interop.families.common import Family, Layout, check_no_mtp, check_softmax_moe, make, require
 from zoo.interop.families.mha import mha_from_hf, mha_to_hf
 from zoo.specs import ModelSpec, MoESpec, SoftmaxTopKRouterSpec
 
@@ -33,6 +33,7 @@ def model_fields(config: Any) -> dict[str, Any]:
 
 def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     attention, moe = layout.attention, layout.moe
+    check_no_mtp(spec, MODEL_TYPE)
     require(attention.qk_norm, None, "model.attention.qk_norm", MODEL_TYPE, "has no q/k norm; set it to null")
     require(attention.qkv_bias, False, "model.attention.qkv_bias", MODEL_TYPE, "has no attention bias; set it to false")
     require(attention.o_bias, False, "model.attention.o_bias", MODEL_TYPE, "has no attention bias; set it to false")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.interop.families.common import Family, Layout, check_softmax_moe, make, require
+from zoo.interop.families.common import Family, Layout, check_no_mtp, check_softmax_moe, make, require
 from zoo.interop.families.mha import mha_from_hf, mha_to_hf
 from zoo.overrides import SpecError
 from zoo.specs import ModelSpec, MoESpec, SoftmaxTopKRouterSpec
@@ -34,6 +34,7 @@ def model_fields(config: Any) -> dict[str, Any]:
 
 def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     attention, moe = layout.attention, layout.moe
+    check_no_mtp(spec, MODEL_TYPE)
     require(attention.qk_norm, "projection", "model.attention.qk_norm", MODEL_TYPE,
             "normalises the whole q and k projections; set it to 'projection'")
     require(attention.o_bias, attention.qkv_bias, "model.attention.o_bias", MODEL_TYPE,

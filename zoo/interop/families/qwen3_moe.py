@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from zoo.interop.families.common import Family, Layout, check_softmax_moe, dense_layer_fields, make, require
+from zoo.interop.families.common import (
+    Family,
+    Layout,
+    check_no_mtp,
+    check_softmax_moe,
+    dense_layer_fields,
+    make,
+    require,
+)
 from zoo.interop.families.mha import mha_from_hf, mha_to_hf
 from zoo.overrides import SpecError
 from zoo.specs import MLPSpec, ModelSpec, MoESpec, SoftmaxTopKRouterSpec
@@ -44,6 +52,7 @@ def model_fields(config: Any) -> dict[str, Any]:
 
 def config_fields(spec: ModelSpec, layout: Layout) -> dict[str, Any]:
     attention, dense, moe = layout.attention, layout.dense, layout.moe
+    check_no_mtp(spec, MODEL_TYPE)
     require(attention.qk_norm, "head", "model.attention.qk_norm", MODEL_TYPE,
             "normalises q and k per head; set it to 'head'")
     require(attention.o_bias, attention.qkv_bias, "model.attention.o_bias", MODEL_TYPE,
