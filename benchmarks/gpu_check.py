@@ -16,9 +16,12 @@ Sections (each fails on its own, with one line, and the rest still run):
             transformers' DeepseekV3ForCausalLM (grouped_mm experts, SDPA), tokens/s, MFU, memory
   train     the real trainer (training/run.py, DeepSpeed, ZeRO-1, bf16) at ~0.5B total parameters:
             tokens/s and MFU as the trainer prints them
+  overhead  benchmarks/trainer_overhead.py on perf_0p5b: the trainer's step against the bare step,
+            with the trainer's per-phase split (CUDA event times) and Newton-Schulz's FLOP/s
 
 Exit status: 0 when CUDA is there (whatever the sections found; read the report), 2 without CUDA.
-Options: --sections a,b,c   --train-steps N   --train-timeout S   --trainstep-timeout S   --micro-batch N   --compile
+Options: --sections a,b,c   --train-steps N   --train-timeout S   --trainstep-timeout S   --overhead-timeout S
+         --micro-batch N   --compile
 """
 # The short sections (env, matmul, pytest) live here with main; the long ones in their own files:
 # gpu_check_attention.py (flash), gpu_check_grouped.py (grouped), gpu_check_train.py (trainstep,
@@ -38,7 +41,7 @@ from benchmarks.gpu_check_common import header, note, run_command, say
 from benchmarks.gpu_check_grouped import section_grouped
 from benchmarks.gpu_check_train import section_train, section_trainstep
 
-SECTIONS = ("env", "matmul", "flash", "grouped", "pytest", "trainstep", "train")  # a full run's order
+SECTIONS = ("env", "matmul", "flash", "grouped", "pytest", "trainstep", "train", "overhead")  # a full run's order
 
 
 # --------------------------------------------------------------------------------------------- env
@@ -90,8 +93,23 @@ def section_pytest(args) -> None:
     note(f"pytest {' '.join(files)}: exit {proc.returncode}: {summary}")
 
 
+# ---------------------------------------------------------------------------------------- overhead
+def section_overhead(args) -> None:
+    cmd = [sys.executable, "-m", "benchmarks.trainer_overhead", "--preset", "perf_0p5b", "--reps", "4",
+           "--set", f"train.micro_batch_size={args.micro_batch}", "--set", "data.seq_len=1024",
+           "--set", "eval.val_blocks=2", "--out", "/tmp/gpu_check_overhead"]
+    proc = run_command("overhead", cmd, args.overhead_timeout)
+    if proc is None:
+        return
+    for line in proc.stdout.splitlines():
+        say("      " + line)
+    if proc.returncode != 0:
+        note(f"overhead: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1][:200]}")
+
+
 RUNS = {"env": section_env, "matmul": section_matmul, "flash": section_flash, "grouped": section_grouped,
-        "pytest": section_pytest, "trainstep": section_trainstep, "train": section_train}  # one per SECTIONS
+        "pytest": section_pytest, "trainstep": section_trainstep, "train": section_train,
+        "overhead": section_overhead}  # one per SECTIONS
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -102,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-timeout", type=int, default=100, help="seconds before the trainer is killed")
     p.add_argument("--pytest-timeout", type=int, default=60)
     p.add_argument("--trainstep-timeout", type=int, default=300)
+    p.add_argument("--overhead-timeout", type=int, default=120)
     p.add_argument("--micro-batch", type=int, default=None, help="default: 32 on GPUs with >= 100 GiB, else 16 (seq 1024)")
     p.add_argument("--train-out", default="/tmp/gpu_check_run")
     p.add_argument("--compile", action="store_true", help="train with --set train.compile=true")

@@ -3,12 +3,13 @@
 # MoE dispatch vs the per-expert loop, our CPU tests under this torch, the train-step benchmark at
 # ~0.5B parameters against transformers (tokens/s, MFU), and the real DeepSpeed trainer at the same
 # size. Needs one NVIDIA GPU. With --compile it took 457 s on an H200 (trainstep 273 s,
-# trainer 153 s at its cap; benchmarks/results/gpu_check_h200.txt). Caps keep it under 8 minutes:
-# pytest 60 s, trainstep 300 s, trainer 100 s.
+# trainer 153 s at its cap; benchmarks/results/gpu_check_h200.txt). Caps:
+# pytest 60 s, trainstep 300 s, trainer 100 s, overhead 120 s (the trainer beside the bare step: with
+# it a full run may take 10 minutes; `--sections overhead` runs it alone).
 # --compile: benchmark and train with torch.compile.
 #
 #   bash benchmarks/gpu_check.sh                        # everything
-#   bash benchmarks/gpu_check.sh --sections matmul,flash  # a subset (env,matmul,flash,grouped,pytest,trainstep,train)
+#   bash benchmarks/gpu_check.sh --sections matmul,flash  # a subset (env,matmul,flash,grouped,pytest,trainstep,train,overhead)
 #   bash benchmarks/gpu_check.sh --help
 #
 # Python: $PYTHON if set, else the repo's .venv if it has one, else python3 (needs torch with CUDA and

@@ -87,7 +87,8 @@ def reference_mtp_logits(main, full, tensors, ids: torch.Tensor) -> torch.Tensor
     return F.linear(rms(x, part("shared_head.norm.weight")), part("shared_head.head.weight"))
 
 
-@pytest.mark.parametrize("case,own", [(DS, False), pytest.param(DS, True, marks=pytest.mark.slow), (GLM, False)],
+@pytest.mark.parametrize("case,own", [(DS, False), pytest.param(DS, True, marks=pytest.mark.slow),
+                                      pytest.param(GLM, False, marks=pytest.mark.slow)],
                          ids=["ds-shared", "ds-own", "glm-shared"])
 def test_mtp_module_matches_the_released_layout(case, own, tmp_path):
     full, tensors = make_mtp_checkpoint(case, tmp_path, own_embedding=own, own_head=own)

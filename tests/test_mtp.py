@@ -22,7 +22,7 @@ def _model(name="deepseek_glm4", **mtp):
     return zoo.build(spec), spec
 
 
-@pytest.mark.parametrize("name", ["deepseek_glm4", "glm4"])  # MLA + MoE, GQA + MoE
+@pytest.mark.parametrize("name", ["deepseek_glm4", pytest.param("glm4", marks=pytest.mark.slow)])  # MLA, GQA + MoE
 def test_every_depth_is_causal(name):
     """Module k at position t sees tokens 0 .. t+k and predicts t+1+k: changing any later token changes
     none of its logits up to t (beyond fp32 rounding), while changing token t+k does change the logit at t."""
@@ -107,6 +107,7 @@ def test_mtp_moe_layers_are_numbered_after_the_main_ones_and_balance():
     assert model(ids).router_stats.keys() == set(range(spec.first_k_dense, n))  # without labels: no MTP
 
 
+@pytest.mark.slow
 def test_own_embedding_and_head_are_used_and_trained_apart():
     shared, _ = _model(depth=1)
     own, spec = _model(depth=1, share_embedding=False, share_head=False)
