@@ -99,6 +99,19 @@ def test_adamw_puts_every_parameter_on_adam_at_its_lr():
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_muon_experts_false_puts_the_expert_stacks_on_adamw():
+    from zoo.overrides import with_changes
+
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"train.muon_experts": False})
+    model = zoo.build(spec)
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in optimizer_groups(model, spec)}
+    named = dict(model.named_parameters())
+    assert id(named["layers.1.ffn.experts.gate_up_proj"]) in groups["adam"]
+    assert id(named["layers.1.ffn.experts.down_proj"]) in groups["adam"]
+    assert id(named["layers.0.attention.kv_b_proj.weight"]) in groups["muon"]  # other matrices stay on Muon
+    assert all(p.ndim == 2 for p in model.parameters() if p.use_muon)
+
+
 def _clip_spec(preset: str, stage: int, precision: str = "fp32", grad_clip: float = 1.0):
     return with_changes(presets.get(preset, tiny=True), {"deepspeed.zero_stage": stage, "train.precision": precision,
                                                          "train.grad_clip": grad_clip, "train.warmup_steps": 0})

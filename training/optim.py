@@ -38,7 +38,8 @@ def optimizer_groups(model: nn.Module, spec: RunSpec, device: torch.device | Non
     routers = {id(p) for m in model.modules() if isinstance(m, Router) for p in m.parameters()}
     muon, adam, adam_no_decay = [], [], []
     for param in model.parameters():
-        if train.optimizer == "muon" and param.ndim >= 2 and id(param) not in special and id(param) not in routers:
+        on_muon = train.optimizer == "muon" and (param.ndim == 2 or (param.ndim == 3 and train.muon_experts))
+        if on_muon and id(param) not in special and id(param) not in routers:
             param.use_muon = True
             param.is_expert_group = param.ndim == 3  # stacked experts: Newton-Schulz per expert
             muon.append(param)

@@ -165,6 +165,8 @@ class TrainSpec(Spec):
     optimizer: Literal["muon", "adamw"] = Field(
         "muon", description="muon: Muon (muon_lr) for hidden matrices, AdamW (adam_lr) for embeddings, head, "
                             "routers, norms and biases; adamw: every parameter on AdamW at adam_lr")
+    muon_experts: bool = Field(True, description="train.optimizer=muon: stacked expert weights on Muon (per "
+                               "expert); false puts them on AdamW, whose step costs no Newton-Schulz")
     muon_lr: float = Field(0.02, gt=0.0, description="Muon's peak LR (train.optimizer=muon)")
     adam_lr: float = Field(3e-3, gt=0.0, description="AdamW's peak LR: the non-Muon parameters, or all of them "
                                                      "under train.optimizer=adamw")
