@@ -180,3 +180,14 @@ def edit_config(path, **changes) -> None:
     config = json.loads((path / "config.json").read_text())
     config.update(changes)
     (path / "config.json").write_text(json.dumps(config))
+
+
+def export_error(spec) -> str:
+    """The one-line SpecError the HF exporter gives for `spec` (a ModelSpec)."""
+    from zoo.interop.hf import hf_config_dict
+    from zoo.overrides import SpecError
+
+    with pytest.raises(SpecError) as err:
+        hf_config_dict(spec)
+    assert "\n" not in str(err.value), str(err.value)
+    return str(err.value)

@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
-from _hf import CASES, LOGITS_ATOL, compare, greedy, inputs, make_hf, randomize_, transformers
+from _hf import CASES, LOGITS_ATOL, compare, export_error, greedy, inputs, make_hf, randomize_, transformers
 from _hf import report  # noqa: F401  (fixture)
 from zoo import build, presets
 from zoo.checkpoint import load_run_folder
 from zoo.cli import main
-from zoo.interop.hf import from_hf, hf_config_dict, to_hf
-from zoo.overrides import SpecError, with_changes
+from zoo.interop.hf import from_hf, to_hf
+from zoo.overrides import with_changes
 from zoo.specs import DynamicNTKScaling, LayerOverride, MHASpec, YarnScaling
 
 # transformers builds zero-width shared experts when n_shared_experts = 0, and torch warns about them
@@ -84,36 +84,29 @@ def test_export_writes_per_expert_shards(tmp_path):
         assert torch.equal(reread(ids).logits, model.eval()(ids).logits)
 
 
-def _export_error(spec) -> str:
-    with pytest.raises(SpecError) as err:
-        hf_config_dict(spec)
-    assert "\n" not in str(err.value), str(err.value)
-    return str(err.value)
-
-
 def test_export_errors_name_the_field():
     # A softmax router without q/k norm: Mixtral's layout, which renormalises the top-k weights.
-    assert _export_error(presets.get("baseline").model) == (
+    assert export_error(presets.get("baseline").model) == (
         "model.ffn.router.norm_topk_prob=False: mixtral renormalises the top-k weights (a softmax over the selected "
         "logits); set it to true")
     # A dense model with per-head q/k norm resembles two formats; neither has an output bias alone.
     dense = with_changes(presets.get("dense", tiny=True).model, {"attention.qk_norm": "head", "attention.o_bias": True})
-    assert _export_error(dense) == (
+    assert export_error(dense) == (
         "no Hugging Face format expresses this spec: model.attention.o_bias=True: glm4_moe has no output bias; set "
         "it to false; model.attention.o_bias=True: qwen3_moe has one attention_bias for q/k/v and the output; set it "
         "to qkv_bias (False)")
     glm4 = presets.get("glm4", tiny=True).model
     yarn = YarnScaling(factor=4.0, original_max_seq_len=16, mscale_all_dim=1.0)
-    assert _export_error(with_changes(glm4, {"attention.rope.scaling": yarn})).startswith(
+    assert export_error(with_changes(glm4, {"attention.rope.scaling": yarn})).startswith(
         "model.attention.rope.scaling.mscale_all_dim=1.0: the zoo then rescales the softmax")
     dynamic = DynamicNTKScaling(factor=2.0, original_max_seq_len=16)
-    assert "original_max_seq_len" in _export_error(with_changes(glm4, {"attention.rope.scaling": dynamic}))
+    assert "original_max_seq_len" in export_error(with_changes(glm4, {"attention.rope.scaling": dynamic}))
     mixed = with_changes(glm4, {"overrides": [LayerOverride(layers=[2], attention=MHASpec(n_heads=4))]})
-    assert _export_error(mixed).startswith("model.overrides: layer 2 has a different attention from layer 0")
-    assert _export_error(with_changes(glm4, {"attention.sliding_window": 64})) == (
+    assert export_error(mixed).startswith("model.overrides: layer 2 has a different attention from layer 0")
+    assert export_error(with_changes(glm4, {"attention.sliding_window": 64})) == (
         "model.attention.sliding_window=64: glm4_moe has no sliding window; set it to null")
     interleaved = with_changes(glm4, {"overrides": [LayerOverride(layers=[2], ffn=glm4.dense_ffn)]})
-    assert "dense layers [0, 2] break the layout glm4_moe can express" in _export_error(interleaved)
+    assert "dense layers [0, 2] break the layout glm4_moe can express" in export_error(interleaved)
 
 
 # ----------------------------------------------------------------------------- CLI

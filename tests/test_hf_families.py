@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from _hf import VOCAB, Case, compare, edit_config, inputs, make_hf, transformers
+from _hf import VOCAB, Case, compare, edit_config, export_error, inputs, make_hf, transformers
 from _training import ROOT
 from _hf import report  # noqa: F401  (fixture)
-from zoo.interop.hf import from_hf, hf_config_dict, to_hf
+from zoo.interop.hf import from_hf, to_hf
 from zoo.overrides import SpecError, with_changes
 from zoo import presets
 
@@ -134,33 +134,26 @@ def test_import_errors_name_the_field(tmp_path):
         from_hf(tmp_path)
 
 
-def _export_error(spec) -> str:
-    with pytest.raises(SpecError) as err:
-        hf_config_dict(spec)
-    assert "\n" not in str(err.value), str(err.value)
-    return str(err.value)
-
-
 def test_export_errors_name_the_field():
     qwen3, olmoe, mixtral = (presets.get(name, tiny=True).model for name in ("qwen3_moe", "olmoe", "mixtral"))
-    assert _export_error(with_changes(qwen3, {"ffn.n_shared_experts": 1})) == (
+    assert export_error(with_changes(qwen3, {"ffn.n_shared_experts": 1})) == (
         "model.ffn.n_shared_experts=1: qwen3_moe has no shared experts; set it to 0")
     assert "model.attention.o_bias=True: qwen3_moe has one attention_bias for q/k/v and the output" in (
-        _export_error(with_changes(qwen3, {"attention.o_bias": True})))
-    assert _export_error(with_changes(olmoe, {"attention.head_dim": 8})).startswith(
+        export_error(with_changes(qwen3, {"attention.o_bias": True})))
+    assert export_error(with_changes(olmoe, {"attention.head_dim": 8})).startswith(
         "model.attention.head_dim x n_heads=32: olmoe sizes its q norm by hidden_size")
     assert "model.attention.sliding_window=8: olmoe has no sliding window" in (
-        _export_error(with_changes(olmoe, {"attention.sliding_window": 8})))
+        export_error(with_changes(olmoe, {"attention.sliding_window": 8})))
     # OLMoE and Mixtral have no dense layer: a dense layer leaves Qwen3-MoE, whose attention differs.
     dense_first = with_changes(mixtral, {"first_k_dense": 1, "dense_ffn": {"kind": "mlp", "d_hidden": 32}})
-    assert _export_error(dense_first) == (
+    assert export_error(dense_first) == (
         "model.attention.qk_norm=None: qwen3_moe normalises q and k per head; set it to 'head'")
-    assert _export_error(with_changes(mixtral, {"ffn.router.norm_topk_prob": False})).endswith(
+    assert export_error(with_changes(mixtral, {"ffn.router.norm_topk_prob": False})).endswith(
         "model.ffn.router.norm_topk_prob=False: mixtral renormalises the top-k weights (a softmax over the "
         "selected logits); set it to true")
     # Only deepseek_v3 and glm4_moe hold MTP layers: a softmax-routed spec with them has no format.
     for model_type, spec in (("qwen3_moe", qwen3), ("olmoe", olmoe), ("mixtral", mixtral)):
-        assert _export_error(with_changes(spec, {"mtp.depth": 1})) == (
+        assert export_error(with_changes(spec, {"mtp.depth": 1})) == (
             f"model.mtp.depth=1: {model_type} has no multi-token-prediction layers (deepseek_v3 and glm4_moe "
             "have); set it to 0")
 

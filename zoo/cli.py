@@ -246,7 +246,8 @@ def parser() -> argparse.ArgumentParser:
     exp.set_defaults(fn=cmd_export_hf)
 
     ev = sub.add_parser("eval", help="lm-eval tasks (HellaSwag, LAMBADA, ...) and held-out perplexity of a run")
-    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run folder: spec.json, model.safetensors, tokenizer.model")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a run folder: spec.json, model.safetensors, and tokenizer.model "
+                    "(or hf_tokenizer/ in an imported run)")
     ev.add_argument("--tasks", default="", help="comma-separated lm-eval tasks, e.g. hellaswag,lambada_openai")
     ev.add_argument("--data-file", action="append", default=[], metavar="TASK=PATH",
                     help="read the split lm-eval's TASK evaluates from a local .jsonl, .json or .parquet file "
