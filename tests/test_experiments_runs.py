@@ -198,6 +198,7 @@ def test_budget_checkpoints_at_every_evaluation():
             assert train.ckpt_every == budget.eval_every < budget.steps
 
 
+STEPS = 200  # a toy step takes ~0.1 s: enough of them that the Ctrl-C lands before the last
 INTERRUPTIBLE = """
 import sys
 from dataclasses import replace
@@ -206,14 +207,14 @@ from pathlib import Path
 from experiments.base import SMOKE_BUDGET, Experiment, Variant
 from experiments.runner import run_experiment
 
-budget = replace(SMOKE_BUDGET, steps=60, eval_every=30, log_every=1)
+budget = replace(SMOKE_BUDGET, steps=STEPS, eval_every=STEPS // 2, log_every=1)
 experiment = Experiment(name="interrupt", title="-", hypothesis="-", base="exp1_mlp", variants={"mlp": Variant()},
                         budget=budget, smoke_budget=budget, seeds=(0,))
 try:
     run_experiment(experiment, Path(sys.argv[1]), smoke=True)
 except KeyboardInterrupt:  # the runner's Interrupted, once its trainers have stopped
     sys.exit(3)
-"""
+""".replace("STEPS", str(STEPS))
 
 
 @pytest.mark.slow
@@ -232,7 +233,7 @@ def test_ctrl_c_saves_the_trainers_progress_and_the_runner_resumes(smoke_env, tm
     run, log = tmp_path / "interrupt" / "mlp" / "seed0", tmp_path / "interrupt" / "mlp" / "seed0" / "train.log"
     runner = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while not (log.is_file() and "\nstep 2/60" in log.read_text()):
+    while not (log.is_file() and f"\nstep 2/{STEPS}" in log.read_text()):
         assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
         time.sleep(0.05)
     runner.send_signal(signal.SIGINT)
@@ -241,11 +242,11 @@ def test_ctrl_c_saves_the_trainers_progress_and_the_runner_resumes(smoke_env, tm
     text = log.read_text()
     assert "stopped by signal 2" in text, text
     saved = int(latest_tag(run).removeprefix("step_"))
-    assert 2 <= saved < 60
+    assert 2 <= saved < STEPS
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert latest_tag(run) == checkpoints.tag_for(60)
-    assert f"done: 60 steps ({60 - saved} this run)" in log.read_text()
+    assert latest_tag(run) == checkpoints.tag_for(STEPS)
+    assert f"done: {STEPS} steps ({STEPS - saved} this run)" in log.read_text()
 
 
 @pytest.mark.slow
