@@ -231,7 +231,9 @@ def test_ctrl_c_saves_the_trainers_progress_and_the_runner_resumes(smoke_env, tm
     env = {**os.environ, **smoke_env}
     command = [sys.executable, "-c", INTERRUPTIBLE, str(tmp_path)]
     run, log = tmp_path / "interrupt" / "mlp" / "seed0", tmp_path / "interrupt" / "mlp" / "seed0" / "train.log"
-    runner = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C as in a terminal: a shell's background job (CI scripts run as one) inherits SIGINT ignored.
+    runner = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (log.is_file() and f"\nstep 2/{STEPS}" in log.read_text()):
         assert runner.poll() is None and time.monotonic() < deadline, runner.stdout.read()
