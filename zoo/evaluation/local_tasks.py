@@ -19,6 +19,7 @@ prompt, target and choices first).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 from pathlib import Path
@@ -105,11 +106,12 @@ def local_task(name: str, path: str | Path, *, manager=None, limit: int | None =
                   dataset_kwargs={"data_files": {split: str(path)}}, fewshot_split=fewshot,
                   fewshot_config=fewshot_config or None)
     config["metadata"] = {**(config.get("metadata") or {}), "data_file": str(path)}
-    fields = f"; its fields: {', '.join(_read(flag, builder, path, split).column_names)}"
-    try:
-        task = ConfigurableTask(config=config)  # reads the file again, from datasets' cache
-    except Exception as err:  # a file that does not fit surfaces deep inside the task's processing or templates
-        raise EvalError(f"{flag}: the file {_misfit(name, err)}{fields}") from err
+    with _quiet_datasets():
+        fields = f"; its fields: {', '.join(_read(flag, builder, path, split).column_names)}"
+        try:
+            task = ConfigurableTask(config=config)  # reads the file again, from datasets' cache
+        except Exception as err:  # a file that does not fit surfaces deep inside the task's processing or templates
+            raise EvalError(f"{flag}: the file {_misfit(name, err)}{fields}") from err
     docs = task.eval_docs
     for index, doc in enumerate(docs if limit is None else docs.select(range(min(limit, len(docs))))):
         try:
@@ -145,6 +147,21 @@ def _fewshot_split(config: dict, fewshot_config: dict) -> str | None:
 def _misfit(name: str, err: BaseException) -> str:
     detail = str(err).splitlines()[0] if str(err) else ""
     return f"does not fit lm-eval's {name} task ({type(err).__name__}: {detail})"
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No `datasets` progress bars while a local file is read: a file of evaluation records loads in a
+    blink, and a bar on stderr would break an error's one line the first time a file is seen."""
+    import datasets
+
+    was_off = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
 
 
 def _read(flag: str, builder: str, path: Path, split: str):
