@@ -1,4 +1,8 @@
-"""python -m experiments {exp1,exp2,exp3,exp4,all} [--smoke] [--show] [--report] [--runs DIR] [--results DIR]"""
+"""python -m experiments {exp1,exp2,exp3,exp4,all} [--smoke] [--show] [--report] [--jobs N] [--runs DIR] [--results DIR]
+
+Trains what is missing (each finished run summarised into RESULTS/expN/runs/ at once), then writes the
+results folder. TensorBoard reads the run folders themselves: tensorboard --logdir runs/experiments/expN
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--show", action="store_true", help="print each variant's diff from the base, the scale and budget")
     p.add_argument("--smoke", action="store_true",
                    help="every variant, one seed, a few steps at toy size; writes under --out (default a temp dir)")
-    p.add_argument("--report", action="store_true", help="only rebuild tables and plots from finished runs")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: rebuild results.csv, table.md, README.md and the plots from the run "
+                        "summaries (and from finished run folders not yet summarised)")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained at once (default 1; 2 with --smoke, whose runs are mostly start-up)")
     p.add_argument("--out", type=Path, default=None, help="smoke: where runs/ and results/ go")
@@ -48,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment = EXPERIMENTS[name]
         start = time.perf_counter()
         try:
-            runs = run_experiment(experiment, runs_root.resolve(), smoke=args.smoke, train=not args.report,
-                                  jobs=args.jobs or (2 if args.smoke else 1))
+            runs = run_experiment(experiment, runs_root.resolve(), results_root.resolve(), smoke=args.smoke,
+                                  train=not args.report, jobs=args.jobs or (2 if args.smoke else 1))
         except RunFailed as err:
             print(f"experiments: {err}", file=sys.stderr)
             return 1
@@ -59,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.SIGINT
         results = collect(experiment, runs)
         folder = results_root / name
-        files = write_report(experiment, runs, results, folder, smoke=args.smoke)
-        print(f"{name}: {len(runs)} runs, {time.perf_counter() - start:.0f} s; wrote {len(files)} files and "
-              f"tensorboard/ in {folder}")
+        planned = len(experiment.variants) * len(experiment.seeds_for(args.smoke))
+        files = write_report(experiment, results, folder, planned=planned, smoke=args.smoke)
+        print(f"{name}: {len(runs)} of {planned} runs summarised, {time.perf_counter() - start:.0f} s; wrote "
+              f"{len(files)} files in {folder}")
         print("\n".join(summary_lines(experiment, results)))
     return 0
 

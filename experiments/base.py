@@ -12,6 +12,7 @@ runs of an experiment are the variant's own diff and the seed.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,8 +22,12 @@ from zoo.kinds import shrink
 from zoo.overrides import apply_sets, diff, with_changes
 from zoo.specs import RunSpec
 
-CORPUS = "../shared/data/shakespeare_works.txt"  # relative to the repository root, where runs start
+# The Linux kernel's English documentation: 4,267 documents, 27.3 M characters, about 8-9 M tokens at the
+# CPU scale's 2,048-piece vocabulary, so a run of 3 M tokens trains on less than one epoch of its 95%.
+CORPUS = "../shared/data/linux_docs.parquet"  # relative to the repository root, where runs start
 HELLASWAG = "../shared/data/hellaswag_val.jsonl"
+# A sweep over each optimizer's own peak learning rate: train.muon_lr under Muon, train.adam_lr under AdamW.
+OWN_LR = "lr"
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,12 @@ class Budget:
         return self.steps * self.micro_batch_size * seq_len
 
 
+# Every experiment's budget: 1,470 steps x 8 x 256 = 3,010,560 training tokens per run (3.4 tokens per active
+# parameter of the dense variants, about 0.4 epoch of the corpus' training documents); 21 evaluations of the
+# same 128 validation blocks, one every 70 steps, for curves fine enough to read the tokens a run needs to
+# reach a given loss.
+BUDGET = Budget(steps=1470, micro_batch_size=8, warmup_steps=50, eval_every=70, log_every=10, val_blocks=128)
+
 # A few optimizer steps on a few hundred paragraphs: every variant builds, trains, evaluates, logs.
 SMOKE_BUDGET = Budget(steps=3, micro_batch_size=2, warmup_steps=1, eval_every=2, log_every=1, val_blocks=4,
                       precision="fp32", max_documents=1500, tokenizer_sample_chars=100_000)
@@ -128,6 +139,19 @@ class Variant:
     preset: str | None = None
     changes: dict[str, Any] = field(default_factory=dict)
     label: str | None = None  # for plots; defaults to the variant's name
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A prediction that one variant's `column` ends below (`lower`) or above a reference variant's, judged on
+    the paired difference over seeds and its 95% t-interval (experiments/results.py `verdict`)."""
+
+    claim: str
+    variant: str  # a variant's name, or a pattern ("muon_*"): the matching variant of lowest mean val loss
+    reference: str  # the same
+    column: str = "val_loss"
+    lower: bool = True
+    source: str = ""  # where the prediction comes from (a paper), or "" for the zoo's own
 
 
 @dataclass(frozen=True)
@@ -147,10 +171,15 @@ class Experiment:
     smoke_budget: Budget = SMOKE_BUDGET
     smoke_scale: Scale = SMOKE
     reference_variant: str | None = None  # the table's paired differences are against it (default: the base)
+    hypotheses: tuple[Hypothesis, ...] = ()
+    notes: str = ""  # what the README says about the design, beside the generated numbers
 
     def __post_init__(self):
         if not self.variants or not self.seeds:
             raise ValueError(f"{self.name}: an experiment needs at least one variant and one seed")
+        for h in self.hypotheses:
+            if not all(fnmatch.filter(self.variants, name) for name in (h.variant, h.reference)):
+                raise ValueError(f"{self.name}: hypothesis {h.claim!r} names a variant the experiment lacks")
 
     @property
     def reference(self) -> str:
@@ -194,7 +223,10 @@ class Experiment:
     def sweep_value(self, name: str, path: str | None = None) -> Any:
         from zoo.overrides import flatten
 
-        return flatten(self.variant_spec(name))[path or self.sweep]
+        flat, path = flatten(self.variant_spec(name)), path or self.sweep
+        if path == OWN_LR:
+            return flat["train.muon_lr" if flat["train.optimizer"] == "muon" else "train.adam_lr"]
+        return flat[path]
 
     # ------------------------------------------------------------------ printing
 

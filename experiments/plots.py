@@ -1,7 +1,10 @@
 """PNG plots of an experiment: every variant, mean over seeds with error bars of the std over seeds.
 
-    val_loss.png     validation loss against training tokens
-    max_vio.png      MaxVio (mean over MoE layers) against training tokens, MoE variants
+    val_loss.png           validation loss against training tokens
+    val_loss_vs_flops.png  ... against training FLOPs
+    val_loss_vs_time.png   ... against training seconds
+    max_vio.png            MaxVio per training batch (mean over MoE layers) against training tokens, MoE variants
+    max_vio_global.png     MaxVio over the validation set (mean over MoE layers), MoE variants
     expert_load.png  experts' shares of routed tokens at the last logged step, by load rank, per MoE layer
     loss_vs_<x>.png  final validation loss against a swept field (log x), one line per group
 
@@ -19,7 +22,7 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.results import RunResult, aggregate, curve_stats  # noqa: E402
+from experiments.results import RunResult, aggregate, curve_stats, eval_curve  # noqa: E402
 
 DPI = 120
 
@@ -39,22 +42,45 @@ def _seeds_note(results: list[RunResult]) -> str:
     return f"mean ± std over {n} seeds" if counts[-1] > 1 else "1 seed: no error bars"
 
 
-def curves(results: list[RunResult], tag: str, ylabel: str, title: str, path: Path,
-           variants: list[str] | None = None) -> None:
+def curves(results: list[RunResult], x: str, y: str, ylabel: str, title: str, path: Path,
+           variants: list[str] | None = None, xlabel: str = "training tokens") -> None:
+    """`y` at each evaluation against `x` ("tokens", "flops" or "train_s"), mean over seeds with error
+    bars of their std (both ways where x differs between seeds, as training time does)."""
+    variants = variants or _variants(results)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for variant, color in zip(variants, _colors(len(variants))):
+        xs, ys = eval_curve(results, variant, x, y)
+        if not xs:
+            continue
+        ax.errorbar([s.mean for s in xs], [s.mean for s in ys], yerr=[_bar(s) for s in ys],
+                    xerr=[_bar(s) for s in xs] if any(_bar(s) for s in xs) else None, label=variant, color=color,
+                    marker="o", markersize=3, capsize=3, linewidth=1.2)
+    _finish(fig, ax, results, xlabel, ylabel, title, path, len(variants))
+
+
+def tagged_curves(results: list[RunResult], tag: str, ylabel: str, title: str, path: Path,
+                  variants: list[str] | None = None) -> None:
+    """A curve the runs log more often than they evaluate (MaxVio per batch) against training tokens."""
     variants = variants or _variants(results)
     fig, ax = plt.subplots(figsize=(8, 5))
     for variant, color in zip(variants, _colors(len(variants))):
         xs, stats = curve_stats(results, variant, tag)
-        if not xs:
-            continue
-        errors = [0.0 if math.isnan(s.std) else s.std for s in stats]
-        ax.errorbar(xs, [s.mean for s in stats], yerr=errors, label=variant, color=color, marker="o",
-                    markersize=3, capsize=3, linewidth=1.2)
-    ax.set_xlabel("training tokens")
+        if xs:
+            ax.errorbar(xs, [s.mean for s in stats], yerr=[_bar(s) for s in stats], label=variant, color=color,
+                        linewidth=1.0, elinewidth=0.5, alpha=0.9)
+    _finish(fig, ax, results, "training tokens", ylabel, title, path, len(variants))
+
+
+def _bar(s) -> float:
+    return 0.0 if math.isnan(s.std) else s.std
+
+
+def _finish(fig, ax, results, xlabel: str, ylabel: str, title: str, path: Path, n: int) -> None:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} ({_seeds_note(results)})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7 if len(variants) > 8 else 9, ncol=2 if len(variants) > 8 else 1)
+    ax.legend(fontsize=7 if n > 8 else 9, ncol=2 if n > 8 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -1,123 +1,105 @@
-"""Metrics read back from each run's TensorBoard events, aggregated over seeds, written as tables.
+"""An experiment's numbers, read from its runs' summaries (experiments/summary.py), aggregated over seeds.
 
-Nothing here computes a metric: values are the trainer's own scalars (`val/loss`, `hellaswag/acc_norm`,
-`perf/tokens_per_s`, `moe/layer_i/max_vio`, ...), and parameter counts are `zoo describe`'s. What is
-derived is said where it is: the final value of a curve, the median of logged throughput, the mean
-over MoE layers of MaxVio, and mean +- sample std over seeds.
+Nothing here computes a metric: values are the trainer's own scalars as the summaries hold them
+(`val/loss`, `perf/tokens_per_s`, `moe/layer_i/max_vio`, `val/max_vio_global`, ...), and parameter
+counts are `zoo describe`'s. What is derived is said where it is: the mean over MoE layers of MaxVio,
+mean +- sample std over seeds, paired differences with their t-intervals, and the tokens a run needs to
+reach a target loss, read off its validation curve.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
-import re
+from pathlib import Path
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from experiments import summary
 from experiments.base import Experiment
-from experiments.runner import RUN_RECORD, Run
-
-MOE_MAX_VIO = re.compile(r"moe/layer_(\d+)/max_vio$")
-MOE_LOAD = re.compile(r"moe_load/layer_(\d+)/expert_(\d+)$")
+from experiments.runner import Run
 
 # (column, header, format): the per-run values of results.csv that the table shows.
 COLUMNS = (
     ("total_params", "total params", "{:,.0f}"),
     ("active_params", "active params", "{:,.0f}"),
-    ("val_loss", "val loss", "{:.3f}"),
-    ("val_ppl", "val ppl", "{:.1f}"),
-    ("val_acc", "val acc", "{:.3f}"),
+    ("val_loss", "val loss", "{:.4f}"),
+    ("val_ppl", "val ppl", "{:.2f}"),
+    ("val_acc", "val acc", "{:.4f}"),
     ("hellaswag_acc_norm", "HellaSwag acc_norm", "{:.3f}"),
-    ("max_vio", "MaxVio (final)", "{:.2f}"),
-    ("max_vio_mean", "MaxVio (mean over training)", "{:.2f}"),
+    ("max_vio", "MaxVio batch (final)", "{:.3f}"),
+    ("max_vio_mean", "MaxVio batch (mean over training)", "{:.3f}"),
+    ("max_vio_global", "MaxVio global (final, validation set)", "{:.3f}"),
+    ("tokens_to_target", "tokens to target", "{:,.0f}"),
+    ("train_s", "training s", "{:,.0f}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
 )
-
-
-def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} from every event file of a run (a resumed run writes one per process)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[str, dict[int, float]] = defaultdict(dict)
-    for events in sorted(run_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            values[tag].update({e.step: e.value for e in acc.Scalars(tag)})
-    return dict(values)
 
 
 @dataclass
 class RunResult:
     variant: str
     seed: int
-    values: dict[str, float]  # the row of results.csv
-    curves: dict[str, dict[int, float]]  # {tag: {tokens: value}} for plots
+    values: dict[str, Any]  # the row of results.csv
+    evals: list[dict[str, float]]  # each evaluation: step, tokens, flops, train_s, val_loss[, max_vio_global]
+    max_vio_batch: list[tuple[int, float]] = field(default_factory=list)  # (tokens, MaxVio mean over layers)
     expert_share: dict[int, list[float]] = field(default_factory=dict)  # {layer: final share per expert}
-    precision: str | None = None  # the train.precision it trained in (spec.json: auto resolved by its device)
+    precision: str | None = None  # the train.precision it trained in (auto resolved by its device)
+    machine: dict | None = None  # where it trained: CPU, cores, threads, runs side by side
+
+    @property
+    def curves(self) -> dict[str, dict[int, float]]:
+        """{tag: {tokens: value}}: val/loss, max_vio (per batch) and max_vio_global, where the run has them."""
+        out = {"val/loss": {e["tokens"]: e["val_loss"] for e in self.evals}}
+        if self.max_vio_batch:
+            out["max_vio"] = dict(self.max_vio_batch)
+        if any("max_vio_global" in e for e in self.evals):
+            out["max_vio_global"] = {e["tokens"]: e["max_vio_global"] for e in self.evals if "max_vio_global" in e}
+        return out
 
 
 def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
-    from zoo.describe import describe
-
+    """The runs' summaries as results, with the sweep's and groups' field values as columns and each run's
+    tokens to the experiment's target loss (`target_loss`)."""
     results = []
     for run in runs:
-        scalars = read_scalars(run.source)
-        if "val/loss" not in scalars:
-            raise ValueError(f"{run.source} has no val/loss scalars: is it a finished run?")
-        steps = run.spec.train.steps
-        tokens_per_step = run.spec.train.micro_batch_size * run.spec.train.grad_accum * run.spec.data.seq_len
-        counts = describe(run.spec)
-        values = {"total_params": counts["total_params"], "active_params": counts["active_params"],
-                  "tokens": steps * tokens_per_step}
-        for tag, column in (("val/loss", "val_loss"), ("val/ppl", "val_ppl"), ("val/acc", "val_acc"),
-                            ("hellaswag/acc_norm", "hellaswag_acc_norm"), ("hellaswag/acc", "hellaswag_acc")):
-            if tag in scalars:
-                values[column] = scalars[tag][max(scalars[tag])]
-        throughput = scalars.get("perf/tokens_per_s", {})
-        # The first step carries one-off costs (allocation, warm caches): the median of the others.
-        steady = [v for s, v in throughput.items() if s > 1] or list(throughput.values())
-        if steady:
-            values["tokens_per_s"] = statistics.median(steady)
-        vio = _layer_mean({tag: curve for tag, curve in scalars.items() if MOE_MAX_VIO.match(tag)})
-        if vio:
-            values["max_vio"] = vio[max(vio)]
-            values["max_vio_mean"] = statistics.fmean(vio.values())
-        record = run.source / RUN_RECORD
-        if record.is_file():
-            values["wall_s"] = json.loads(record.read_text())["wall_s"]
+        found = summary.read(run.summary)
+        values = dict(found["values"])
         for path in (experiment.sweep, *experiment.groups):
             if path:
                 values[path] = experiment.sweep_value(run.variant, path)
-        curves = {"val/loss": scalars["val/loss"]}
-        if vio:
-            curves["max_vio"] = vio
-        curves = {tag: {step * tokens_per_step: v for step, v in curve.items()} for tag, curve in curves.items()}
-        saved = run.source / "spec.json"
-        # Only the precision: a folder saved by an older zoo may hold a spec this one's rules refuse.
-        precision = json.loads(saved.read_text())["train"]["precision"] if saved.is_file() else None
-        results.append(RunResult(run.variant, run.seed, values, curves, _final_shares(scalars), precision))
+        results.append(RunResult(run.variant, run.seed, values, found["evals"],
+                                 [tuple(p) for p in found["max_vio_batch"]],
+                                 {int(k): v for k, v in found["expert_share"].items()}, found["precision"],
+                                 found.get("machine")))
+    target = target_loss(experiment, results)
+    for r in results:
+        if target is not None:
+            r.values["tokens_to_target"] = tokens_to_reach(r.evals, target)
     return results
 
 
-def _layer_mean(curves: dict[str, dict[int, float]]) -> dict[int, float]:
-    """The mean over MoE layers at every step that all layers logged."""
-    if not curves:
-        return {}
-    steps = set.intersection(*(set(c) for c in curves.values()))
-    return {s: statistics.fmean(c[s] for c in curves.values()) for s in sorted(steps)}
+def target_loss(experiment: Experiment, results: list[RunResult]) -> float | None:
+    """The loss every run is timed to: the reference variant's final validation loss, mean over its seeds."""
+    finals = [r.values["val_loss"] for r in results if r.variant == experiment.reference]
+    return statistics.fmean(finals) if finals else None
 
 
-def _final_shares(scalars: dict[str, dict[int, float]]) -> dict[int, list[float]]:
-    shares: dict[int, dict[int, float]] = defaultdict(dict)
-    for tag, curve in scalars.items():
-        if match := MOE_LOAD.match(tag):
-            shares[int(match[1])][int(match[2])] = curve[max(curve)]
-    return {layer: [experts[e] for e in sorted(experts)] for layer, experts in sorted(shares.items())}
+def tokens_to_reach(evals: list[dict[str, float]], target: float, x: str = "tokens") -> float:
+    """The training tokens (or `x`) at which a validation curve first reaches `target`, linearly interpolated
+    between the evaluations around it; nan when it never does."""
+    previous = None
+    for e in evals:
+        if e["val_loss"] <= target:
+            if previous is None or previous["val_loss"] == e["val_loss"]:
+                return float(e[x])
+            share = (previous["val_loss"] - target) / (previous["val_loss"] - e["val_loss"])
+            return previous[x] + share * (e[x] - previous[x])
+        previous = e
+    return math.nan
 
 
 # ------------------------------------------------------------------------------------ aggregation
@@ -172,6 +154,62 @@ def curve_stats(results: list[RunResult], variant: str, tag: str) -> tuple[list[
     return xs, [stat(c[x] for c in curves) for x in xs]
 
 
+def eval_curve(results: list[RunResult], variant: str, x: str, y: str = "val_loss"
+               ) -> tuple[list[Stat], list[Stat]]:
+    """(x, y) over the seeds of one variant at each evaluation step all its seeds share: x is "tokens",
+    "flops" (the same for every seed) or "train_s" (each seed's own training time, so a spread too)."""
+    runs = [{e["step"]: e for e in r.evals} for r in results if r.variant == variant]
+    if not runs:
+        return [], []
+    steps = sorted(set.intersection(*(set(run) for run in runs)))
+    steps = [s for s in steps if all(run[s].get(x) is not None and y in run[s] for run in runs)]
+    return ([stat(run[s][x] for run in runs) for s in steps], [stat(run[s][y] for run in runs) for s in steps])
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A paired difference (variant - reference) over seeds: its mean and 95% t-interval."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def contains_zero(self) -> bool:
+        return not (self.high < 0 or self.low > 0)
+
+    def format(self, fmt: str = "{:+.4f}") -> str:
+        if self.n < 2:
+            return f"{fmt.format(self.mean)} (1 seed: no interval)" if self.n else "-"
+        return f"{fmt.format(self.mean)} [{fmt.format(self.low)}, {fmt.format(self.high)}]"
+
+
+def paired_interval(results: list[RunResult], column: str, variant: str, reference: str) -> Interval:
+    """Mean of (variant - reference) over the seeds both have, with Student's t 95% interval (n - 1 degrees
+    of freedom): mean +- t(0.975, n - 1) * sd / sqrt(n)."""
+    from scipy import stats
+
+    ref = {r.seed: r.values.get(column, math.nan) for r in results if r.variant == reference}
+    diffs = [r.values.get(column, math.nan) - ref[r.seed] for r in results if r.variant == variant and r.seed in ref]
+    diffs = [d for d in diffs if not math.isnan(d)]
+    if not diffs:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return Interval(mean, mean - half, mean + half, len(diffs))
+
+
+def verdict(interval: Interval, lower: bool) -> str:
+    """supported (the interval excludes zero on the predicted side), refuted (on the other side), or
+    inconclusive (it contains zero, or there are fewer than 2 seeds)."""
+    if interval.n < 2 or interval.contains_zero:
+        return "inconclusive"
+    return "supported" if (interval.high < 0) == lower else "refuted"
+
+
 # ------------------------------------------------------------------------------------ writing
 
 
@@ -188,6 +226,13 @@ def write_csv(results: list[RunResult], path: Path) -> None:
 
 def _plain(value):
     return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def as_written(results: list[RunResult]) -> list[RunResult]:
+    """The results with each value as results.csv writes it (floats to 6 significant digits), so that
+    what is computed from them is what anyone recomputes from the file."""
+    return [replace(r, values={k: float(_plain(v)) if isinstance(v, float) else v for k, v in r.values.items()})
+            for r in results]
 
 
 def markdown_table(results: list[RunResult], columns: tuple[str, ...], *, reference: str | None = None,
@@ -223,7 +268,7 @@ def _cell(value) -> str:
 def _signed(s: Stat | None) -> str:
     if s is None or math.isnan(s.mean):
         return "-"
-    return f"{s.mean:+.3f}" + (f" ± {s.std:.3f}" if s.n > 1 else "")
+    return f"{s.mean:+.4f}" + (f" ± {s.std:.4f}" if s.n > 1 else "")
 
 
 def pivot_table(results: list[RunResult], rows: str, cols: str, column: str = "val_loss",

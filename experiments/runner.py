@@ -1,8 +1,16 @@
 """Train every variant x seed of an experiment through the normal trainer, sequentially and resumably.
 
 Each run is `python training/run.py --preset P --set ... --out RUNS/expN/VARIANT/seedS`, a subprocess
-like any user's run. A run whose folder holds its spec and the final checkpoint is skipped; one that
-was interrupted is resumed (`--resume`), so the command can be stopped and started again at will:
+like any user's run. Runs go seed by seed (every variant of seed 0, then of seed 1, ...), so that the
+paired comparisons of a partly done experiment already have whole seeds.
+
+A finished run is summarised (experiments/summary.py) into `RESULTS/expN/runs/VARIANT/seedS.json`, the
+file that is committed. A run is not trained again when its summary, or a finished run folder, has its
+key: the spec, the data file's content hash, the split version and the zoo's results version. Anything
+else is retrained, and the runner says why (a run folder of another key is set aside as
+`seedS.stale`). A finished summary of the same spec and key in another experiment is reused.
+
+A run that was interrupted is resumed (`--resume`), so the command can be stopped and started again at will:
 Ctrl-C or SIGTERM is passed on to the trainers, which save a checkpoint at the end of their step, and
 the runner waits for them (a second Ctrl-C kills them at once). A folder holding a different spec is
 an error, never silently reused or overwritten.
@@ -33,10 +41,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import shutil
+
+from experiments import summary
 from experiments.base import Experiment
 from training import checkpoints
 from training.precision import AUTO_CHOICES
 from zoo.checkpoint import latest_tag, read_spec
+from zoo.files import write_atomic
 from zoo.overrides import SpecError, diff, with_changes
 from zoo.specs import RunSpec
 
@@ -79,44 +91,68 @@ class Run:
     seed: int
     spec: RunSpec
     out: Path  # where this run trains
-    source: Path  # where its results are read from: `out`, or an identical finished run elsewhere
+    summary: Path  # its summary, where the report reads it
 
 
 def plan(experiment: Experiment, runs_root: Path, *, smoke: bool = False) -> list[tuple[str, int, Path]]:
+    """(variant, seed, run folder) in training order: seed by seed."""
     return [(name, seed, runs_root / experiment.name / name / f"seed{seed}")
-            for name in experiment.variants for seed in experiment.seeds_for(smoke)]
+            for seed in experiment.seeds_for(smoke) for name in experiment.variants]
 
 
-def run_experiment(experiment: Experiment, runs_root: Path, *, smoke: bool = False, train: bool = True,
-                   jobs: int = 1, log=print) -> list[Run]:
-    """Every variant x seed, trained (or found finished); returns where each one's results are, in plan
-    order. `jobs` > 1 trains that many runs at once (for smoke runs, whose cost is start-up, not compute:
-    timings of concurrent runs share the CPU and mean little)."""
+def run_experiment(experiment: Experiment, runs_root: Path, results_root: Path, *, smoke: bool = False,
+                   train: bool = True, jobs: int = 1, log=print) -> list[Run]:
+    """Every variant x seed, trained (or found summarised) and summarised under `results_root`; returns the
+    runs in plan order. `train=False` (--report) trains nothing and returns the runs that are summarised.
+    `jobs` > 1 trains that many runs at once, each on its share of the cores."""
     done: dict[Path, Run] = {}
-    pending: list[tuple[str, str, int, Path, RunSpec]] = []
+    pending: list[tuple[str, str, int, Path, RunSpec, dict]] = []
     todo = plan(experiment, runs_root, smoke=smoke)
     for index, (name, seed, out) in enumerate(todo, 1):
         spec = experiment.spec(name, seed, smoke=smoke)
+        key = summary.run_key(spec)
         tag = f"[{experiment.name} {index}/{len(todo)}] {name} seed {seed}"
-        if is_finished(out, spec):
-            log(f"{tag}: finished earlier ({out})")
-            done[out] = Run(experiment.name, name, seed, spec, out, out)
-            continue
-        donor = find_identical(runs_root, spec) if spec.eval.hellaswag_limit == 0 else None
+        path = summary.summary_path(results_root, experiment.name, name, seed)
+        found = summary.read(path)
+        if found is not None:
+            why = _not_this_run(found, spec, key)
+            if why is None:
+                log(f"{tag}: summarised earlier ({_shown(path)})")
+                done[out] = Run(experiment.name, name, seed, spec, out, path)
+                continue
+            log(f"{tag}: {_shown(path)} is another run ({why}): {'retraining' if train else 'left out'}")
+        if _saved_spec(out) is not None:
+            why = summary.mismatch(_recorded_key(out), key)
+            if why is not None:
+                stale = out.with_name(out.name + ".stale")
+                log(f"{tag}: {out} is another run ({why}): set aside as {stale.name}")
+                shutil.rmtree(stale, ignore_errors=True)
+                out.rename(stale)
+            elif is_finished(out, spec):
+                _summarise(experiment, name, seed, out, path, key)
+                log(f"{tag}: finished earlier ({out}); summarised in {_shown(path)}")
+                done[out] = Run(experiment.name, name, seed, spec, out, path)
+                continue
+        donor = find_identical(results_root, spec, key) if spec.eval.hellaswag_limit == 0 else None
         if donor is not None:
-            log(f"{tag}: the same spec already ran in {donor}; reusing it")
-            done[out] = Run(experiment.name, name, seed, spec, out, donor)
+            reused = {**summary.read(donor), "experiment": experiment.name, "variant": name, "seed": seed}
+            summary.write(path, reused)
+            log(f"{tag}: the same run is summarised in {_shown(donor)}; reusing it")
+            done[out] = Run(experiment.name, name, seed, spec, out, path)
             continue
         if not train:
-            raise RunFailed(f"{tag}: no finished run in {out}; run without --report to train it")
-        pending.append((tag, name, seed, out, spec))
+            log(f"{tag}: not trained yet (no summary in {_shown(path)})")
+            continue
+        pending.append((tag, name, seed, out, spec, key))
 
-    def work(item: tuple[str, str, int, Path, RunSpec]) -> Run:
-        tag, name, seed, out, spec = item
+    def work(item: tuple[str, str, int, Path, RunSpec, dict]) -> Run:
+        tag, name, seed, out, spec, key = item
         start = time.perf_counter()
-        train_one(experiment, name, seed, out, smoke=smoke, concurrent=smoke or jobs > 1)
-        log(f"{tag}: trained in {time.perf_counter() - start:.0f} s -> {out}")
-        return Run(experiment.name, name, seed, spec, out, out)
+        train_one(experiment, name, seed, out, smoke=smoke, jobs=jobs, key=key)
+        path = summary.summary_path(results_root, experiment.name, name, seed)
+        _summarise(experiment, name, seed, out, path, key)
+        log(f"{tag}: trained in {time.perf_counter() - start:.0f} s -> {out}; summarised in {_shown(path)}")
+        return Run(experiment.name, name, seed, spec, out, path)
 
     _STOPPING.clear()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -132,7 +168,36 @@ def run_experiment(experiment: Experiment, runs_root: Path, *, smoke: bool = Fal
             except KeyboardInterrupt:
                 stop_trainers(signal.SIGKILL)
             raise Interrupted() from None
-    return [done[out] for _, _, out in todo]
+    return [done[out] for _, _, out in todo if out in done]
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _not_this_run(found: dict, spec: RunSpec, key: dict) -> str | None:
+    """Why a summary is not the run (spec, key) (None: it is)."""
+    try:
+        saved = summary.saved_spec(found)
+    except SpecError as err:
+        return f"a spec this zoo cannot read: {str(err).splitlines()[0]}"
+    return summary.mismatch(summary.saved_key(found), key) or summary.spec_mismatch(saved, _as_trained(spec, saved))
+
+
+def _summarise(experiment: Experiment, name: str, seed: int, out: Path, path: Path, key: dict) -> None:
+    record = _record(out)
+    summary.write(path, summary.summarize(out, experiment=experiment.name, variant=name, seed=seed,
+                                          spec=_saved_spec(out), key=key, wall_s=record.get("wall_s"),
+                                          machine=record.get("machine")))
+
+
+def _record(out: Path) -> dict:
+    path = out / RUN_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _recorded_key(out: Path) -> dict | None:
+    return _record(out).get("key")
 
 
 def is_finished(out: Path, spec: RunSpec) -> bool:
@@ -143,24 +208,26 @@ def is_finished(out: Path, spec: RunSpec) -> bool:
     return True
 
 
-def find_identical(runs_root: Path, spec: RunSpec) -> Path | None:
-    """A finished run anywhere under `runs_root` that trained exactly this spec (HellaSwag aside)."""
-    for saved in sorted(runs_root.glob("*/*/*/spec.json")):
+def find_identical(results_root: Path, spec: RunSpec, key: dict) -> Path | None:
+    """A summary anywhere under `results_root` of a run with this spec (HellaSwag aside) and key."""
+    for path in sorted(results_root.glob("*/runs/*/seed*.json")):
+        found = summary.read(path)
         try:
-            other = _saved_spec(saved.parent)
-        except RunFailed:  # a folder this zoo cannot read (another experiment's, from an older zoo): not this run
+            other = summary.saved_spec(found)
+        except SpecError:  # a summary this zoo cannot read (from an older zoo): not this run
             continue
-        if (other is not None and _without_hellaswag(other) == _as_trained(spec, other)
-                and is_finished(saved.parent, other)):
-            return saved.parent
+        if summary.mismatch(summary.saved_key(found), key) is None and \
+                _without_hellaswag(other) == _without_hellaswag(_as_trained(spec, other)):
+            return path
     return None
 
 
-def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke: bool,
-              concurrent: bool = False) -> None:
-    """Train one run to its last step (resuming it if it was interrupted); `concurrent`: it may share
-    the cores with other runs."""
-    env = _environment(concurrent)
+def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke: bool, jobs: int = 1,
+              key: dict | None = None) -> None:
+    """Train one run to its last step (resuming it if it was interrupted); `jobs`: how many runs share the
+    cores; `key` (summary.run_key) is recorded with a run's first command."""
+    env = _environment(smoke or jobs > 1, threads=max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
+    key = key or summary.run_key(experiment.spec(name, seed, smoke=smoke))
     spec = experiment.spec(name, seed, smoke=smoke)
     steps, hellaswag = spec.train.steps, spec.eval.hellaswag_limit > 0
     # With HellaSwag the run stops after its second-to-last step; the last one runs with it switched on.
@@ -178,7 +245,8 @@ def train_one(experiment: Experiment, name: str, seed: int, out: Path, *, smoke:
         stop = [] if final else ["--stop-after", str(penultimate)]
         if saved is None or last is None:
             preset, sets = experiment.command_args(name, seed, smoke=smoke, hellaswag=final)
-            _trainer(out, ["--preset", preset, *_sets(sets), "--out", str(out), *stop], env)
+            _trainer(out, ["--preset", preset, *_sets(sets), "--out", str(out), *stop], env,
+                     first={"key": key, "machine": _machine(env, jobs)})
         else:
             # Resuming may only change eval and budget fields; before the last step, HellaSwag stays off.
             evals = [f"eval.hellaswag_limit={spec.eval.hellaswag_limit}",
@@ -196,7 +264,7 @@ def _latest_step(out: Path) -> int | None:
     return int(tag.removeprefix("step_")) if tag else None
 
 
-def _environment(concurrent: bool) -> dict[str, str]:
+def _environment(concurrent: bool, threads: int | None = None) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
     if concurrent:
@@ -205,12 +273,28 @@ def _environment(concurrent: bool) -> dict[str, str]:
         # instead of 5. Sleeping waits avoid that. Real runs keep the default, for full speed on a
         # quiet machine.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is not None:  # runs side by side: each on its share of the cores, not all of them
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     return env
 
 
-def _trainer(out: Path, args: list[str], env: dict[str, str]) -> None:
+def _machine(env: dict[str, str], jobs: int) -> dict:
+    """Where a run trains, for its summary: the CPU, its cores, the trainer's threads, the runs beside it."""
+    from training.mfu import _cpu_name, cpu_has_native_bf16
+
+    return {"cpu": _cpu_name(), "native_bf16": cpu_has_native_bf16(), "cores": os.cpu_count(),
+            "threads": int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit() else None,
+            "runs_side_by_side": jobs}
+
+
+def _trainer(out: Path, args: list[str], env: dict[str, str], first: dict | None = None) -> None:
+    """Run the trainer with `args`, its output in train.log; the run record gains the command and its wall
+    time, and `first` (the run's key and machine) with a run's first command."""
     command = [sys.executable, "training/run.py", *args]
     out.mkdir(parents=True, exist_ok=True)
+    record_path = out / RUN_RECORD
+    if first is not None:  # before the trainer starts: a runner killed outright leaves a run it can still resume
+        write_atomic(record_path, json.dumps({**_record(out), **first}, indent=2) + "\n")
     start = time.perf_counter()
     with open(out / LOG, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -228,11 +312,10 @@ def _trainer(out: Path, args: list[str], env: dict[str, str]) -> None:
         finally:
             with _TRAINERS_LOCK:
                 _TRAINERS.discard(proc)
-            record_path = out / RUN_RECORD
-            record = json.loads(record_path.read_text()) if record_path.is_file() else {"commands": [], "wall_s": 0.0}
+            record = {"commands": [], "wall_s": 0.0, **_record(out)}
             record["commands"].append(command[1:])
             record["wall_s"] += time.perf_counter() - start
-            record_path.write_text(json.dumps(record, indent=2) + "\n")
+            write_atomic(record_path, json.dumps(record, indent=2) + "\n")
     if _STOPPING.is_set():
         raise Interrupted()
     if proc.returncode != 0:

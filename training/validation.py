@@ -12,10 +12,12 @@ from zoo.specs import RunSpec
 
 @torch.no_grad()
 def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Token-weighted validation cross-entropy, perplexity and next-token accuracy; with MTP modules, per depth
-    k: its cross-entropy, its accuracy, and how often its guess is the main model's (`mtp_counts`)."""
+    """Token-weighted validation cross-entropy, perplexity and next-token accuracy; with MoE layers, each
+    layer's MaxVio over the whole validation set (`max_vio_global`); with MTP modules, per depth k: its
+    cross-entropy, its accuracy, and how often its guess is the main model's (`mtp_counts`)."""
     engine.module.eval()
     loss_sum, correct, count, mtp = 0.0, 0, 0, 0
+    loads: dict[int, torch.Tensor] = {}
     for batch in batches:
         batch = batch.to(device)
         out = engine(batch, labels=batch)
@@ -24,13 +26,26 @@ def evaluate(engine, batches: list[torch.Tensor], device: torch.device) -> dict[
         correct += (out.logits[:, :-1].argmax(-1) == batch[:, 1:]).sum().item()
         count += n
         mtp = mtp + mtp_counts(out, batch)
+        for layer, stats in out.router_stats.items():
+            loads[layer] = loads.get(layer, 0) + stats.load_E.double()
     engine.module.train()
     loss = loss_sum / count
     metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/acc": correct / count}
+    if loads:
+        vio = {layer: max_vio(load) for layer, load in sorted(loads.items())}
+        metrics.update({f"moe/layer_{layer}/max_vio_global": v for layer, v in vio.items()})
+        metrics["val/max_vio_global"] = sum(vio.values()) / len(vio)
     for k, (loss_k, correct_k, matches_k, n_k) in enumerate(mtp.tolist() if torch.is_tensor(mtp) else [], start=1):
         metrics.update({f"val/mtp_loss_{k}": loss_k / n_k, f"val/mtp_acc_{k}": correct_k / n_k,
                         f"val/mtp_draft_acceptance_{k}": matches_k / n_k})
     return metrics
+
+
+def max_vio(load_E: torch.Tensor) -> float:
+    """(max load - mean load) / mean load: Wang et al. 2024's MaxVio, here of loads summed over a whole set
+    (their MaxVio_global when the set is the validation set)."""
+    mean = load_E.mean().clamp_min(1e-9)
+    return ((load_E.max() - mean) / mean).item()
 
 
 def mtp_counts(out, batch: torch.Tensor) -> torch.Tensor | int:
