@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             runs = run_experiment(experiment, runs_root.resolve(), results_root.resolve(), smoke=args.smoke,
-                                  train=not args.report, jobs=args.jobs or (2 if args.smoke else 1))
+                                  train=not args.report, jobs=args.jobs or (2 if args.smoke else 1),
+                                  log=lambda line: print(line, flush=True))
         except RunFailed as err:
             print(f"experiments: {err}", file=sys.stderr)
             return 1

@@ -202,7 +202,14 @@ def read(path: Path) -> dict[str, Any] | None:
 
 
 def saved_spec(summary: dict[str, Any]) -> RunSpec:
-    return RunSpec.model_validate(summary["key"]["spec"])
+    """The spec a summary's run trained; a SpecError when this zoo's rules refuse it (a summary of an older zoo)."""
+    from zoo.overrides import SpecError, validation_message
+
+    data = summary["key"]["spec"]
+    try:
+        return RunSpec.model_validate(data)
+    except ValueError as err:  # pydantic's ValidationError
+        raise SpecError(f"not a valid run spec for this version of the zoo: {validation_message(err, data)}") from None
 
 
 def saved_key(summary: dict[str, Any]) -> dict[str, Any]:

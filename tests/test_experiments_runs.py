@@ -1,6 +1,7 @@
 """Experiments' runs: `python -m experiments expN --smoke` trains every variant through the trainer and
-writes its results; finished runs are found and reused (train.precision=auto resolved or not), unreadable
-ones refused in one line, interrupted ones resumed."""
+writes its results; finished runs are summarised, found and reused only when their spec, data file, split
+version and results version match (train.precision=auto resolved or not), unreadable ones refused in one
+line, interrupted ones resumed; the committed results rebuild byte for byte from their summaries."""
 
 import csv
 import json
@@ -12,7 +13,8 @@ import pytest
 
 from experiments import EXPERIMENTS
 from experiments.__main__ import main
-from experiments.results import read_scalars
+from experiments import summary
+from experiments.summary import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,10 +42,14 @@ def test_smoke_writes_every_variant(name, smoke_env, tmp_path, monkeypatch):
     table = (folder / "table.md").read_text()
     assert "SMOKE" in table and all(f"| {v} |" in table for v in experiment.variants)
     assert f"per run in {experiment.smoke_budget.precision}; " in table
-    assert (folder / "val_loss.png").stat().st_size > 0
-    assert sorted(p.name for p in (folder / "tensorboard").iterdir()) == sorted(experiment.variants)
+    for plot in ("val_loss.png", "val_loss_vs_flops.png", "val_loss_vs_time.png"):
+        assert (folder / plot).stat().st_size > 0
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == sorted(experiment.variants)
     moe = any(experiment.spec(v, 0).model.ffn.kind == "moe" for v in experiment.variants)
-    assert (folder / "max_vio.png").is_file() == moe and (folder / "expert_load.png").is_file() == moe
+    for plot in ("max_vio.png", "max_vio_global.png", "expert_load.png"):
+        assert (folder / plot).is_file() == moe
+    readme = (folder / "README.md").read_text()
+    assert all(h.claim in readme for h in experiment.hypotheses) and "**inconclusive**" in readme  # 1 seed
     if experiment.sweep:
         assert (folder / f"loss_vs_{experiment.sweep.split('.')[-1]}.png").is_file()
     if experiment.budget.hellaswag_limit:
@@ -58,7 +64,15 @@ def test_finished_runs_are_skipped_and_a_changed_spec_is_refused(smoke_env, tmp_
     assert first.returncode == 0, first.stderr
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("finished earlier") == len(EXPERIMENTS["exp4"].variants)
+    assert again.stdout.count("summarised earlier") == len(EXPERIMENTS["exp4"].variants)
+    # Without its summary, the finished run folder is found and summarised again, identically.
+    path = tmp_path / "results" / "exp4" / "runs" / "sigmoid_bias" / "seed0.json"
+    before = path.read_bytes()
+    path.unlink()
+    third = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert third.returncode == 0 and third.stdout.count("finished earlier") == 1, third.stdout + third.stderr
+    assert path.read_bytes() == before
+    path.unlink()
     spec = tmp_path / "runs" / "exp4" / "sigmoid_bias" / "seed0" / "spec.json"
     spec.write_text(spec.read_text().replace('"steps": 3', '"steps": 4'))
     refused = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -82,6 +96,9 @@ def _fake_finished_run(out: Path, spec, precision: str | None = None) -> None:
     from training.precision import resolve_precision
     from zoo.overrides import with_changes
 
+    from experiments import runner
+    from torch.utils.tensorboard import SummaryWriter
+
     saved = (resolve_precision(spec, _trainer_device()) if precision is None
              else with_changes(spec, {"train.precision": precision}))
     tag = checkpoints.tag_for(spec.train.steps)
@@ -89,6 +106,10 @@ def _fake_finished_run(out: Path, spec, precision: str | None = None) -> None:
     (out / "checkpoints" / tag / checkpoints.COMPLETE).write_text("")
     (out / "checkpoints" / checkpoints.LATEST).write_text(tag)
     (out / "spec.json").write_text(saved.model_dump_json(indent=2) + "\n")
+    (out / runner.RUN_RECORD).write_text(json.dumps({"key": summary.run_key(spec), "wall_s": 1.0}))
+    with SummaryWriter(log_dir=str(out)) as writer:  # what the report reads: a validation curve
+        for step, loss in ((spec.train.steps // 2, 5.0), (spec.train.steps, 4.0)):
+            writer.add_scalar("val/loss", loss, step)
 
 
 @pytest.mark.parametrize("precision", [None, "bf16", "fp32"], ids=["this_machine", "bf16", "fp32"])
@@ -102,24 +123,87 @@ def test_runs_saved_with_precision_auto_resolved_are_finished(precision, tmp_pat
     assert exp4.budget.precision == "auto"
     for name, seed, out in runner.plan(exp4, tmp_path):
         _fake_finished_run(out, exp4.spec(name, seed), precision)
-    runs = runner.run_experiment(exp4, tmp_path, train=False, log=lambda line: None)  # what --report does
-    assert [run.source for run in runs] == [out for _, _, out in runner.plan(exp4, tmp_path)]
+    runs = runner.run_experiment(exp4, tmp_path, tmp_path / "results", train=False, log=lambda line: None)
+    assert [run.out for run in runs] == [out for _, _, out in runner.plan(exp4, tmp_path)]  # --report's way
+    assert all(run.summary.is_file() for run in runs)
     name, seed, out = runner.plan(exp4, tmp_path)[0]
     runner.train_one(exp4, name, seed, out, smoke=False)  # finished: checks the folder, trains nothing
     assert not (out / runner.LOG).exists()
 
 
-def test_an_identical_run_saved_with_precision_auto_resolved_is_reused(tmp_path):
+def _one(variant="sigmoid_bias", **changes):
+    from dataclasses import replace
+
+    exp4 = EXPERIMENTS["exp4"]
+    return replace(exp4, variants={variant: exp4.variants[variant]}, seeds=(0,), hypotheses=(), **changes)
+
+
+def _summarised(tmp_path, experiment, name="sigmoid_bias", seed=0, folder=None) -> Path:
+    """A finished run of `experiment`, summarised into tmp_path/results as the runner does."""
+    from experiments import runner
+
+    out = folder or tmp_path / "train" / experiment.name / name / f"seed{seed}"
+    _fake_finished_run(out, experiment.spec(name, seed))
+    path = summary.summary_path(tmp_path / "results", experiment.name, name, seed)
+    runner._summarise(experiment, name, seed, out, path, summary.run_key(experiment.spec(name, seed)))
+    return path
+
+
+def test_an_identical_run_summarised_by_another_experiment_is_reused(tmp_path):
     from dataclasses import replace
 
     from experiments import runner
 
-    exp4 = EXPERIMENTS["exp4"]
-    one = replace(exp4, variants={"sigmoid_bias": exp4.variants["sigmoid_bias"]}, seeds=(0,))
-    donor = tmp_path / "elsewhere" / "same" / "seed0"
-    _fake_finished_run(donor, one.spec("sigmoid_bias", 0))
-    [run] = runner.run_experiment(one, tmp_path, train=False, log=lambda line: None)
-    assert run.source == donor
+    one = _one()
+    donor = _summarised(tmp_path, replace(one, name="exp9"))
+    lines = []
+    [run] = runner.run_experiment(one, tmp_path / "runs", tmp_path / "results", train=False, log=lines.append)
+    assert "reusing it" in lines[0] and run.summary != donor
+    assert summary.read(run.summary)["values"] == summary.read(donor)["values"]
+    assert summary.read(run.summary)["experiment"] == one.name
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("split_version", 1, "its split version is 1, now "),
+    ("results_version", 0, "its results version is 0, now "),
+    ("data_sha256", "0" * 64, "its data file differs (sha256 000000000000..., now "),
+])
+def test_a_run_of_another_split_data_file_or_results_version_is_not_reused(tmp_path, field, value, why):
+    """Neither a committed summary, nor a finished run folder, nor another experiment's summary of the same
+    spec is reused when its key differs: the runner says why and retrains (here, with --report, leaves out)."""
+    from dataclasses import replace
+
+    from experiments import runner
+
+    one = _one()
+    path = _summarised(tmp_path, one, folder=tmp_path / "runs" / one.name / "sigmoid_bias" / "seed0")
+    _summarised(tmp_path, replace(one, name="exp9"))  # a donor for the same spec
+    for donor in sorted((tmp_path / "results").glob("*/runs/*/seed0.json")):
+        stale = summary.read(donor)
+        stale["key"][field] = value
+        summary.write(donor, stale)
+    record = tmp_path / "runs" / one.name / "sigmoid_bias" / "seed0" / runner.RUN_RECORD
+    recorded = json.loads(record.read_text())
+    recorded["key"][field] = value
+    record.write_text(json.dumps(recorded))
+    lines = []
+    assert runner.run_experiment(one, tmp_path / "runs", tmp_path / "results", train=False, log=lines.append) == []
+    assert f"{path.name} is another run ({why}" in lines[0] or f"seed0.json is another run ({why}" in lines[0], lines
+    assert "left out" in lines[0]
+    assert "is another run" in lines[1] and why in lines[1] and "set aside as seed0.stale" in lines[1], lines
+    assert "not trained yet" in lines[2], lines
+    assert (tmp_path / "runs" / one.name / "sigmoid_bias" / "seed0.stale" / "spec.json").is_file()
+    assert summary.mismatch(summary.saved_key(summary.read(path)), summary.run_key(one.spec("sigmoid_bias", 0)))
+
+
+def test_data_fingerprint_is_the_files_content(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("one corpus")
+    b.write_text("one corpus")
+    assert summary.data_fingerprint(str(a)) == summary.data_fingerprint(str(b))  # content, not name
+    b.write_text("one corpus.")
+    assert summary.data_fingerprint(str(a)) != summary.data_fingerprint(str(b))
+    assert summary.data_fingerprint("builtin") == "unhashed:builtin"
 
 
 @pytest.mark.parametrize(("asked", "saved"), [("fp32", "bf16"), ("bf16", "fp32"), ("auto", "fp16")])
@@ -130,12 +214,11 @@ def test_a_run_in_a_precision_the_budget_does_not_allow_is_refused(asked, saved,
     from experiments import runner
 
     exp4 = EXPERIMENTS["exp4"]
-    one = replace(exp4, variants={"sigmoid_bias": exp4.variants["sigmoid_bias"]}, seeds=(0,),
-                  budget=replace(exp4.budget, precision=asked))
+    one = _one(budget=replace(exp4.budget, precision=asked))
     [(name, seed, out)] = runner.plan(one, tmp_path)
     _fake_finished_run(out, one.spec(name, seed), saved)
     with pytest.raises(runner.RunFailed, match=rf"different spec \(train\.precision; it trained in {saved}, "):
-        runner.run_experiment(one, tmp_path, train=False, log=lambda line: None)
+        runner.run_experiment(one, tmp_path, tmp_path / "results", train=False, log=lambda line: None)
 
 
 def test_a_run_folder_this_zoo_cannot_read_is_one_line(tmp_path):
@@ -145,25 +228,22 @@ def test_a_run_folder_this_zoo_cannot_read_is_one_line(tmp_path):
 
     from experiments import runner
 
-    exp4 = EXPERIMENTS["exp4"]
-    one = replace(exp4, variants={"sigmoid_bias": exp4.variants["sigmoid_bias"]}, seeds=(0,))
+    one = _one()
     [(name, seed, out)] = runner.plan(one, tmp_path)
     _fake_finished_run(out, one.spec(name, seed))
     saved = json.loads((out / "spec.json").read_text())
     saved["model"]["ffn"]["top_k"] = saved["model"]["ffn"]["n_experts"] + 1
     (out / "spec.json").write_text(json.dumps(saved))
     with pytest.raises(runner.RunFailed) as caught:
-        runner.run_experiment(one, tmp_path, train=False, log=lambda line: None)
+        runner.run_experiment(one, tmp_path, tmp_path / "results", train=False, log=lambda line: None)
     message = str(caught.value)
     assert "\n" not in message and str(out / "spec.json") in message and "model.ffn" in message, message
     assert "not a valid run spec for this version of the zoo" in message and "delete that folder" in message
-    # Another experiment's unreadable folder is none of this run's business: looking for an identical
+    # Another experiment's unreadable summary is none of this run's business: looking for an identical
     # finished run to reuse passes over it.
-    other = tmp_path / "exp3" / "top1" / "seed0"
-    other.mkdir(parents=True)
-    (other / "spec.json").write_text(json.dumps(saved))
-    (out / "spec.json").unlink()
-    assert runner.find_identical(tmp_path, one.spec(name, seed)) is None
+    other = summary.summary_path(tmp_path / "results", "exp3", "top1", 0)
+    summary.write(other, {"key": {**summary.run_key(one.spec(name, seed)), "spec": saved}})
+    assert runner.find_identical(tmp_path / "results", one.spec(name, seed), summary.run_key(one.spec(name, seed))) is None
 
 
 @pytest.mark.slow
@@ -177,10 +257,10 @@ def test_a_run_with_precision_auto_trains_through_its_hellaswag_phase(smoke_env,
     for key, value in smoke_env.items():
         monkeypatch.setenv(key, value)
     exp1 = EXPERIMENTS["exp1"]
-    auto = replace(exp1, variants={"mlp": exp1.variants["mlp"]},
-                   smoke_budget=replace(exp1.smoke_budget, precision="auto"))
+    auto = replace(exp1, variants={"mlp": exp1.variants["mlp"]}, hypotheses=(),
+                   smoke_budget=replace(exp1.smoke_budget, precision="auto", hellaswag_limit=8))
     out = tmp_path / "run"
-    runner.train_one(auto, "mlp", 0, out, smoke=True, concurrent=True)
+    runner.train_one(auto, "mlp", 0, out, smoke=True, jobs=2)
     assert runner.is_finished(out, auto.spec("mlp", 0, smoke=True))
     assert runner._saved_spec(out).train.precision in ("bf16", "fp32")
     assert list(read_scalars(out)["hellaswag/acc_norm"]) == [auto.smoke_budget.steps]
@@ -211,7 +291,7 @@ budget = replace(SMOKE_BUDGET, steps=STEPS, eval_every=STEPS // 2, log_every=1)
 experiment = Experiment(name="interrupt", title="-", hypothesis="-", base="exp1_mlp", variants={"mlp": Variant()},
                         budget=budget, smoke_budget=budget, seeds=(0,))
 try:
-    run_experiment(experiment, Path(sys.argv[1]), smoke=True)
+    run_experiment(experiment, Path(sys.argv[1]), Path(sys.argv[1]) / "results", smoke=True)
 except KeyboardInterrupt:  # the runner's Interrupted, once its trainers have stopped
     sys.exit(3)
 """.replace("STEPS", str(STEPS))
@@ -253,16 +333,19 @@ def test_ctrl_c_saves_the_trainers_progress_and_the_runner_resumes(smoke_env, tm
 
 @pytest.mark.slow
 def test_an_interrupted_run_with_hellaswag_resumes_through_its_final_phase(smoke_env, tmp_path, monkeypatch):
-    """exp1 scores HellaSwag on the final model: a run interrupted at step 1 must go on to step 2 without
-    it, then run step 3 with it, resuming as often as its phases need."""
+    """A budget that scores HellaSwag does so on the final model: a run interrupted at step 1 must go on to
+    step 2 without it, then run step 3 with it, resuming as often as its phases need."""
     from experiments import runner
 
     for key, value in smoke_env.items():
         monkeypatch.setenv(key, value)
+    from dataclasses import replace
+
     exp1, out = EXPERIMENTS["exp1"], tmp_path / "run"
+    exp1 = replace(exp1, smoke_budget=replace(exp1.smoke_budget, hellaswag_limit=8))
     preset, sets = exp1.command_args("mlp", 0, smoke=True, hellaswag=False)
     runner._trainer(out, ["--preset", preset, *runner._sets(sets), "--out", str(out), "--stop-after", "1"],
-                    runner._environment(True))
-    runner.train_one(exp1, "mlp", 0, out, smoke=True, concurrent=True)
+                    runner._environment(True), first={"key": summary.run_key(exp1.spec("mlp", 0, smoke=True))})
+    runner.train_one(exp1, "mlp", 0, out, smoke=True, jobs=2)
     assert runner.is_finished(out, exp1.spec("mlp", 0, smoke=True))
     assert list(read_scalars(out)["hellaswag/acc_norm"]) == [3]  # scored on the final model only

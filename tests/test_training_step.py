@@ -71,6 +71,37 @@ def test_evaluate_is_token_weighted_cross_entropy_and_next_token_accuracy():
     assert correct >= 44 and wrong_alignment != correct
 
 
+def test_evaluate_max_vio_global_is_of_loads_summed_over_the_validation_set():
+    """MaxVio_global (Wang et al. 2024) is one MaxVio of the loads summed over every batch, per MoE layer:
+    not the mean of per-batch MaxVios, which is larger whenever batches are unbalanced in different ways."""
+    spec = with_changes(presets.get("deepseek_glm4", tiny=True), {"train.precision": "fp32"})
+    model = zoo.build(spec)
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, spec.model.vocab_size, (2, 20), generator=g) for _ in range(3)]
+    got = trainer.evaluate(_Engine(model), batches, torch.device("cpu"))
+
+    model.eval()
+    summed, per_batch = {}, {}
+    with torch.no_grad():
+        for batch in batches:
+            for layer, stats in model(batch).router_stats.items():
+                summed[layer] = summed.get(layer, 0) + stats.load_E.double()
+                per_batch.setdefault(layer, []).append(stats.max_vio.item())
+    assert summed, "the tiny deepseek_glm4 has MoE layers"
+    for layer, load in summed.items():
+        want = ((load.max() - load.mean()) / load.mean()).item()
+        assert got[f"moe/layer_{layer}/max_vio_global"] == pytest.approx(want, rel=1e-6)
+        assert want < sum(per_batch[layer]) / len(per_batch[layer])  # summing over batches evens loads out
+    assert got["val/max_vio_global"] == pytest.approx(
+        sum(got[f"moe/layer_{layer}/max_vio_global"] for layer in summed) / len(summed))
+
+
+def test_evaluate_of_a_dense_model_has_no_max_vio():
+    spec = with_changes(presets.get("exp1_mlp", tiny=True), {"train.precision": "fp32"})
+    got = trainer.evaluate(_Engine(zoo.build(spec)), [torch.randint(0, 50, (1, 12))], torch.device("cpu"))
+    assert not any("max_vio" in key for key in got)
+
+
 def test_observer_logs_expert_loads_max_vio_entropy_and_bias_norm(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
