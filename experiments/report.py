@@ -144,15 +144,19 @@ def judge(experiment: Experiment, results: list[RunResult], h: Hypothesis) -> tu
 
 
 def verdict_table(experiment: Experiment, results: list[RunResult]) -> str:
-    lines = ["| hypothesis | compared (paired by seed) | difference, mean [95% t-interval] | seeds | verdict | "
-             "predicted by |", "|---|---|---|---|---|---|"]
+    lines = ["| hypothesis | compared (paired by seed) | difference, mean [95% t-interval] | seeds | p | verdict | "
+             "predicted by |", "|---|---|---|---|---|---|---|"]
     for h in experiment.hypotheses:
         variant, reference, interval, word = judge(experiment, results, h)
         what = {"val_loss": "val loss", "max_vio_global": "MaxVio_global"}.get(h.column, h.column)
         lines.append(f"| {h.claim} | {what}: {variant} − {reference} (predicted "
-                     f"{'< 0' if h.lower else '> 0'}) | {interval.format()} | {interval.n} | **{word}** | "
+                     f"{'< 0' if h.lower else '> 0'}) | {interval.format()} | {interval.n} | {_p(interval.p)} | **{word}** | "
                      f"{h.source or 'the zoo'} |")
     return "\n".join(lines)
+
+
+def _p(p: float) -> str:
+    return "-" if math.isnan(p) else f"{p:.2g}"
 
 
 # ------------------------------------------------------------------------------------ README
@@ -194,7 +198,8 @@ def readme(experiment: Experiment, results: list[RunResult], *, planned: int, sm
         text += ["## Verdicts", "",
                  "For each hypothesis, the paired difference over seeds with its 95% Student-t interval: "
                  "**supported** when the interval excludes zero on the predicted side, **refuted** when it "
-                 "excludes zero on the other, **inconclusive** when it contains zero. A pattern such as "
+                 "excludes zero on the other, **inconclusive** when it contains zero; p is the two-sided paired "
+                 "t-test's (the speedrun community's bar for a new record is p < 0.01). A pattern such as "
                  "`muon_lr*` stands for its best variant (lowest mean final loss), chosen on the same seeds.", "",
                  verdict_table(experiment, results), ""]
     if plots:

@@ -174,6 +174,7 @@ class Interval:
     low: float
     high: float
     n: int
+    p: float = math.nan  # two-sided paired t-test of a zero mean difference
 
     @property
     def contains_zero(self) -> bool:
@@ -198,8 +199,10 @@ def paired_interval(results: list[RunResult], column: str, variant: str, referen
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return Interval(mean, math.nan, math.nan, 1)
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return Interval(mean, mean - half, mean + half, len(diffs))
+    error = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = stats.t.ppf(0.975, len(diffs) - 1) * error
+    p = 2 * stats.t.sf(abs(mean) / error, len(diffs) - 1) if error > 0 else (0.0 if mean else 1.0)
+    return Interval(mean, mean - half, mean + half, len(diffs), p)
 
 
 def verdict(interval: Interval, lower: bool) -> str:

@@ -166,6 +166,7 @@ def test_paired_interval_is_students_t_and_the_verdict_reads_it():
     assert interval.n == 3 and interval.mean == pytest.approx(-0.2)
     assert (interval.low, interval.high) == (pytest.approx(-0.44841, abs=1e-5), pytest.approx(0.04841, abs=1e-5))
     assert verdict(interval, lower=True) == "inconclusive"
+    assert interval.p == pytest.approx(0.0742, abs=1e-4)  # t = -0.2 / (0.1 / sqrt 3) = -3.464, 2 df
     tight = paired_interval([*results[:3], *(_result("new", s, 3.0 - d) for s, d in enumerate((0.19, 0.2, 0.21)))],
                             "val_loss", "new", "ref")
     assert tight.high < 0

@@ -70,9 +70,10 @@ def test_every_readme_number_is_results_csv(name):
         if len(diffs) < 2:
             assert f"{mean:+.4f} (1 seed: no interval)" in line and "**inconclusive**" in line
             continue
+        test = stats.ttest_1samp(diffs, 0.0)
         half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
         low, high = mean - half, mean + half
-        assert f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]" in line, (line, mean, low, high)
+        assert f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] | {len(diffs)} | {test.pvalue:.2g} |" in line, (line, mean, low, high)
         word = "inconclusive" if low <= 0 <= high else "supported" if (high < 0) == h.lower else "refuted"
         assert f"**{word}**" in line, line
 
