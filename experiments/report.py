@@ -94,22 +94,13 @@ def table_markdown(experiment: Experiment, results: list[RunResult], *, smoke: b
     if target is not None and "tokens_to_target" in experiment.metrics:
         text += [f"Tokens to target: the training tokens at which a run's validation curve first reaches "
                  f"{target:.4f}, the final validation loss of {experiment.reference} (mean over its seeds), "
-                 "interpolated between evaluations; the mean is over the seeds that reach it "
-                 f"({_reached(results)}).", ""]
+                 "interpolated between evaluations; the mean is over the seeds that reach it.", ""]
     if len(experiment.groups) == 2:
         rows, cols = experiment.groups
         text += [(f"Best over {experiment.sweep} of the final validation loss (each variant's mean over seeds) "
                   f"per {rows} x {cols}:"), "",
                  pivot_table(results, rows, cols), ""]
     return "\n".join(text)
-
-
-def _reached(results: list[RunResult]) -> str:
-    counts = {}
-    for r in results:
-        reached, total = counts.get(r.variant, (0, 0))
-        counts[r.variant] = (reached + (not math.isnan(r.values.get("tokens_to_target", math.nan))), total + 1)
-    return ", ".join(f"{v} {a} of {n}" for v, (a, n) in counts.items())
 
 
 def _precisions(results: list[RunResult]) -> str:
@@ -193,7 +184,7 @@ def readme(experiment: Experiment, results: list[RunResult], *, planned: int, sm
         return "\n".join([*text, "", "No run is summarised yet.", ""])
     text += ["", "## Results", "", "Mean ± sample std over seeds; Δ columns are paired by seed (each seed "
              "fixes the initialisation, the data order, the document split and the tokenizer for every variant).",
-             "", table_markdown(experiment, results, smoke=smoke).split("\n", 2)[2].strip(), ""]
+             "", table_markdown(experiment, results, smoke=smoke).split("\n", 4)[4].strip(), ""]
     if experiment.hypotheses:
         text += ["## Verdicts", "",
                  "For each hypothesis, the paired difference over seeds with its 95% Student-t interval: "

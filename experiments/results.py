@@ -257,11 +257,19 @@ def markdown_table(results: list[RunResult], columns: tuple[str, ...], *, refere
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in aggregate(results, "val_loss"):
         cells = [variant, *(_cell(first[variant].values.get(e)) for e in extra), str(seeds[variant])]
-        cells += [stats[column][variant].format(fmt) for column, _, fmt in present]
+        cells += [_reached_cell(stats[column][variant], fmt, seeds[variant]) if column == "tokens_to_target"
+                  else stats[column][variant].format(fmt) for column, _, fmt in present]
         if reference:
             cells.append("(reference)" if variant == reference else _signed(delta.get(variant)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _reached_cell(s: Stat, fmt: str, runs: int) -> str:
+    """Tokens to target over the seeds that reach it, and how many do when not all."""
+    if s.n == 0:
+        return "not reached"
+    return s.format(fmt) + (f" ({s.n} of {runs} reach it)" if s.n < runs else "")
 
 
 def _cell(value) -> str:
