@@ -121,8 +121,8 @@ class Budget:
         return self.steps * self.micro_batch_size * seq_len
 
 
-# Every experiment's budget: 1,470 steps x 8 x 256 = 3,010,560 training tokens per run (3.4 tokens per active
-# parameter of the dense variants, about 0.4 epoch of the corpus' training documents); 21 evaluations of the
+# Every experiment's budget: 1,470 steps x 8 x 256 = 3,010,560 training tokens per run (1.4 tokens per active
+# parameter, about 0.4 epoch of the corpus' training documents); 21 evaluations of the
 # same 128 validation blocks, one every 70 steps, for curves fine enough to read the tokens a run needs to
 # reach a given loss.
 BUDGET = Budget(steps=1470, micro_batch_size=8, warmup_steps=50, eval_every=70, log_every=10, val_blocks=128)

@@ -8,8 +8,11 @@ width and the sparsity (a quarter of the routed experts active) stay equal up to
 the granularity changes. (8, 2) is exp1's `attention_moe`.
 
 Beside the series, top-1 routing at the same active width: 4 experts of half the active width, top-1,
-plus one shared expert as wide (17% fewer total parameters than the series), with norm_topk_prob=false:
-one weight renormalised by itself is a constant 1, and the router would get no gradient from the loss.
+plus one shared expert as wide, with norm_topk_prob=false (one weight renormalised by itself is a constant
+1, and the router would get no gradient from the loss). It is not a point of the series: its shared
+expert is half the active width rather than a third, it has 13% fewer parameters in all, and its one
+routed weight is 2.5 x its sigmoid score where the series' weights sum to 2.5. Its hypothesis compares
+top-1 with top-2 routing as each would be set up, not the routing alone.
 """
 
 from experiments.base import BUDGET, Experiment, Hypothesis, Variant

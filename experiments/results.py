@@ -63,7 +63,7 @@ class RunResult:
 
 def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
     """The runs' summaries as results, with the sweep's and groups' field values as columns and each run's
-    tokens to the experiment's target loss (`target_loss`)."""
+    tokens to its seed's target loss (`targets`)."""
     results = []
     for run in runs:
         found = summary.read(run.summary)
@@ -75,17 +75,18 @@ def collect(experiment: Experiment, runs: list[Run]) -> list[RunResult]:
                                  [tuple(p) for p in found["max_vio_batch"]],
                                  {int(k): v for k, v in found["expert_share"].items()}, found["precision"],
                                  found.get("machine")))
-    target = target_loss(experiment, results)
+    goal = targets(experiment, results)
     for r in results:
-        if target is not None:
-            r.values["tokens_to_target"] = tokens_to_reach(r.evals, target)
+        if r.seed in goal:
+            r.values["tokens_to_target"] = tokens_to_reach(r.evals, goal[r.seed])
     return results
 
 
-def target_loss(experiment: Experiment, results: list[RunResult]) -> float | None:
-    """The loss every run is timed to: the reference variant's final validation loss, mean over its seeds."""
-    finals = [r.values["val_loss"] for r in results if r.variant == experiment.reference]
-    return statistics.fmean(finals) if finals else None
+def targets(experiment: Experiment, results: list[RunResult]) -> dict[int, float]:
+    """{seed: the loss each run of that seed is timed to}: the reference variant's final validation loss on
+    that seed. A seed fixes the validation documents and the tokenizer, so losses compare within a seed
+    only; the reference itself reaches its target with its whole budget."""
+    return {r.seed: r.values["val_loss"] for r in results if r.variant == experiment.reference}
 
 
 def tokens_to_reach(evals: list[dict[str, float]], target: float, x: str = "tokens") -> float:
@@ -201,7 +202,7 @@ def paired_interval(results: list[RunResult], column: str, variant: str, referen
         return Interval(mean, math.nan, math.nan, 1)
     error = statistics.stdev(diffs) / math.sqrt(len(diffs))
     half = stats.t.ppf(0.975, len(diffs) - 1) * error
-    p = 2 * stats.t.sf(abs(mean) / error, len(diffs) - 1) if error > 0 else (0.0 if mean else 1.0)
+    p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if error > 0 else (0.0 if mean else 1.0)
     return Interval(mean, mean - half, mean + half, len(diffs), p)
 
 

@@ -8,7 +8,7 @@ A finished run is summarised (experiments/summary.py) into `RESULTS/expN/runs/VA
 file that is committed. A run is not trained again when its summary, or a finished run folder, has its
 key: the spec, the data file's content hash, the split version and the zoo's results version. Anything
 else is retrained, and the runner says why (a run folder of another key is set aside as
-`seedS.stale`). A finished summary of the same spec and key in another experiment is reused.
+`seedS.stale`; `--report` trains nothing and moves nothing, and leaves such runs out). A finished summary of the same spec and key in another experiment is reused.
 
 A run that was interrupted is resumed (`--resume`), so the command can be stopped and started again at will:
 Ctrl-C or SIGTERM is passed on to the trainers, which save a checkpoint at the end of their step, and
@@ -112,23 +112,30 @@ def run_experiment(experiment: Experiment, runs_root: Path, results_root: Path, 
         spec = experiment.spec(name, seed, smoke=smoke)
         key = summary.run_key(spec)
         tag = f"[{experiment.name} {index}/{len(todo)}] {name} seed {seed}"
+        # A report where the data file is missing (a clone without ../shared) takes the summaries' hashes.
+        trust = not train and key["data_sha256"].startswith(summary.UNHASHED) and spec.data.source != "builtin"
+        if trust and index == 1:
+            log(f"{experiment.name}: {spec.data.source} cannot be read here; the summaries' data hashes are "
+                "taken as they are")
         path = summary.summary_path(results_root, experiment.name, name, seed)
         found = summary.read(path)
         if found is not None:
-            why = _not_this_run(found, spec, key)
+            why = _not_this_run(found, spec, key, trust_data=trust)
             if why is None:
                 log(f"{tag}: summarised earlier ({_shown(path)})")
                 done[out] = Run(experiment.name, name, seed, spec, out, path)
                 continue
-            log(f"{tag}: {_shown(path)} is another run ({why}): {'retraining' if train else 'left out'}")
+            log(f"{tag}: {_shown(path)} is another run ({why})")
         if _saved_spec(out) is not None:
             why = summary.mismatch(_recorded_key(out), key)
-            if why is not None:
+            if why is not None and train:
                 stale = out.with_name(out.name + ".stale")
                 log(f"{tag}: {out} is another run ({why}): set aside as {stale.name}")
                 shutil.rmtree(stale, ignore_errors=True)
                 out.rename(stale)
-            elif is_finished(out, spec):
+            elif why is not None:
+                log(f"{tag}: {out} is another run ({why}): left out")
+            elif _finished(out, spec, train=train, log=lambda line: log(f"{tag}: {line}")):
                 _summarise(experiment, name, seed, out, path, key)
                 log(f"{tag}: finished earlier ({out}); summarised in {_shown(path)}")
                 done[out] = Run(experiment.name, name, seed, spec, out, path)
@@ -175,13 +182,27 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def _not_this_run(found: dict, spec: RunSpec, key: dict) -> str | None:
+def _finished(out: Path, spec: RunSpec, *, train: bool, log) -> bool:
+    """is_finished; with train=False (--report) a folder of another spec is left out, not an error."""
+    try:
+        return is_finished(out, spec)
+    except RunFailed as err:
+        if train:
+            raise
+        log(f"{err}: left out")
+        return False
+
+
+def _not_this_run(found: dict, spec: RunSpec, key: dict, *, trust_data: bool = False) -> str | None:
     """Why a summary is not the run (spec, key) (None: it is)."""
+    if found.get("format") != summary.FORMAT or "key" not in found:
+        return f"a summary of format {found.get('format')}, not {summary.FORMAT}"
     try:
         saved = summary.saved_spec(found)
     except SpecError as err:
         return f"a spec this zoo cannot read: {str(err).splitlines()[0]}"
-    return summary.mismatch(summary.saved_key(found), key) or summary.spec_mismatch(saved, _as_trained(spec, saved))
+    return summary.mismatch(summary.saved_key(found), key, trust_data=trust_data) or summary.spec_mismatch(
+        saved, _as_trained(spec, saved), ignore=SAVING_CADENCE)
 
 
 def _summarise(experiment: Experiment, name: str, seed: int, out: Path, path: Path, key: dict) -> None:
@@ -212,6 +233,8 @@ def find_identical(results_root: Path, spec: RunSpec, key: dict) -> Path | None:
     """A summary anywhere under `results_root` of a run with this spec (HellaSwag aside) and key."""
     for path in sorted(results_root.glob("*/runs/*/seed*.json")):
         found = summary.read(path)
+        if found.get("format") != summary.FORMAT or "key" not in found:
+            continue
         try:
             other = summary.saved_spec(found)
         except SpecError:  # a summary this zoo cannot read (from an older zoo): not this run

@@ -33,6 +33,9 @@ MAX_VIO = "moe/layer_{}/max_vio"
 NOT_TRAINING = ("time/evaluation", "time/checkpoint")
 
 
+UNHASHED = "unhashed:"
+
+
 def data_fingerprint(source: str) -> str:
     """sha256 of the corpus a run reads: the file's bytes, or each matched file's name and bytes for a glob.
     A source that is no local file ('builtin', 'hf:...') is named as it is: its content cannot be hashed here."""
@@ -40,7 +43,7 @@ def data_fingerprint(source: str) -> str:
     files = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(str(path), recursive=True)
                                                  if Path(p).is_file())
     if not files:
-        return f"unhashed:{source}"
+        return f"{UNHASHED}{source}"
     digest = hashlib.sha256()
     for file in files:
         if len(files) > 1:
@@ -56,12 +59,13 @@ def run_key(spec: RunSpec) -> dict[str, Any]:
             "results_version": RESULTS_VERSION}
 
 
-def mismatch(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> str | None:
-    """Why a run keyed `recorded` is not the run keyed `wanted` (None: it is)."""
+def mismatch(recorded: dict[str, Any] | None, wanted: dict[str, Any], *, trust_data: bool = False) -> str | None:
+    """Why a run keyed `recorded` is not the run keyed `wanted` (None: it is). `trust_data`: the data file
+    cannot be read here (a report on a machine without it), so the recorded hash is taken as it is."""
     if not recorded:
         return "it records no data hash, split version or results version"
     reasons = []
-    if recorded.get("data_sha256") != wanted["data_sha256"]:
+    if recorded.get("data_sha256") != wanted["data_sha256"] and not trust_data:
         reasons.append(f"its data file differs (sha256 {str(recorded.get('data_sha256'))[:12]}..., "
                        f"now {wanted['data_sha256'][:12]}...)")
     for field, what in (("split_version", "split version"), ("results_version", "results version")):
@@ -70,8 +74,9 @@ def mismatch(recorded: dict[str, Any] | None, wanted: dict[str, Any]) -> str | N
     return "; ".join(reasons) or None
 
 
-def spec_mismatch(recorded: RunSpec, wanted: RunSpec) -> str | None:
-    changed = [path for path, _, _ in diff(recorded, wanted)]
+def spec_mismatch(recorded: RunSpec, wanted: RunSpec, ignore: tuple[str, ...] = ()) -> str | None:
+    """Which fields of the spec differ (None: none but those in `ignore`)."""
+    changed = [path for path, _, _ in diff(recorded, wanted) if path not in ignore]
     if not changed:
         return None
     return f"its spec differs ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
@@ -81,16 +86,26 @@ def spec_mismatch(recorded: RunSpec, wanted: RunSpec) -> str | None:
 
 
 def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    """{tag: {step: value}} from every event file of a run (a resumed run writes one per process)."""
+    """{tag: {step: value}} from every event file of a run (a resumed run writes one per process, in time
+    order). A process killed outright may have logged steps past its last checkpoint; the process that
+    resumed from that checkpoint logs them again, and only its values count: each file drops what the
+    files before it logged from its own first step on."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values: dict[str, dict[int, float]] = defaultdict(dict)
     for events in sorted(run_dir.glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            values[tag].update({e.step: e.value for e in acc.Scalars(tag)})
-    return dict(values)
+        scalars = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+        steps = [step for curve in scalars.values() for step in curve]
+        if steps:
+            first = min(steps)
+            for curve in values.values():
+                for step in [s for s in curve if s >= first]:
+                    del curve[step]
+        for tag, curve in scalars.items():
+            values[tag].update(curve)
+    return {tag: curve for tag, curve in values.items() if curve}
 
 
 def summarize(run_dir: Path, *, experiment: str, variant: str, seed: int, spec: RunSpec, key: dict[str, Any],
@@ -153,7 +168,8 @@ def _training_seconds(scalars: dict[str, dict[int, float]]) -> dict[int, float]:
     """{step: seconds of training up to that step}, from the trainer's per-interval `time/...` scalars
     (seconds per step over the steps since the previous log): wall time less evaluation and checkpointing.
     Steps between logs are not timed; evaluations fall on logged steps (eval_every is a multiple of
-    log_every in every budget)."""
+    log_every in every budget). After a resume, the interval from the checkpoint to the first log is
+    the resumed process's (its first step's one-off costs included)."""
     wall = scalars.get("time/step", {})
     total, previous, out = 0.0, 0, {}
     for step in sorted(wall):

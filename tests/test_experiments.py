@@ -183,6 +183,19 @@ def test_tokens_to_reach_interpolates_between_evaluations():
     assert math.isnan(tokens_to_reach(evals, 3.0))  # never reached
 
 
+def test_each_seed_is_timed_to_the_reference_on_the_same_seed():
+    """Seeds differ in validation documents and tokenizer: a target shared by all seeds would be reached or
+    not by the seed's luck. The reference needs its whole budget to reach its own target."""
+    from experiments.results import targets
+
+    exp1 = EXPERIMENTS["exp1"]
+    results = [_result("mlp", 0, 3.0), _result("mlp", 1, 3.5), _result("moe", 0, 2.9), _result("moe", 1, 3.6)]
+    goal = targets(exp1, results)
+    assert goal == {0: 3.0, 1: 3.5}
+    assert [tokens_to_reach(r.evals, goal[r.seed]) for r in results][:2] == [200, 200]
+    assert tokens_to_reach(results[2].evals, goal[0]) < 200 and math.isnan(tokens_to_reach(results[3].evals, goal[1]))
+
+
 def test_a_hypothesis_pattern_stands_for_its_best_variant():
     from experiments.report import judge
 

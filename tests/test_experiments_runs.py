@@ -168,32 +168,44 @@ def test_an_identical_run_summarised_by_another_experiment_is_reused(tmp_path):
     ("results_version", 0, "its results version is 0, now "),
     ("data_sha256", "0" * 64, "its data file differs (sha256 000000000000..., now "),
 ])
-def test_a_run_of_another_split_data_file_or_results_version_is_not_reused(tmp_path, field, value, why):
+def test_a_run_of_another_split_data_file_or_results_version_is_not_reused(tmp_path, monkeypatch, field, value, why):
     """Neither a committed summary, nor a finished run folder, nor another experiment's summary of the same
-    spec is reused when its key differs: the runner says why and retrains (here, with --report, leaves out)."""
+    spec is reused when its key differs: the runner says why; --report leaves them out and moves nothing,
+    training sets the folder aside and trains the run afresh."""
     from dataclasses import replace
 
     from experiments import runner
 
     one = _one()
-    path = _summarised(tmp_path, one, folder=tmp_path / "runs" / one.name / "sigmoid_bias" / "seed0")
+    out = tmp_path / "runs" / one.name / "sigmoid_bias" / "seed0"
+    path = _summarised(tmp_path, one, folder=out)
     _summarised(tmp_path, replace(one, name="exp9"))  # a donor for the same spec
     for donor in sorted((tmp_path / "results").glob("*/runs/*/seed0.json")):
         stale = summary.read(donor)
         stale["key"][field] = value
         summary.write(donor, stale)
-    record = tmp_path / "runs" / one.name / "sigmoid_bias" / "seed0" / runner.RUN_RECORD
-    recorded = json.loads(record.read_text())
+    recorded = json.loads((out / runner.RUN_RECORD).read_text())
     recorded["key"][field] = value
-    record.write_text(json.dumps(recorded))
+    (out / runner.RUN_RECORD).write_text(json.dumps(recorded))
     lines = []
     assert runner.run_experiment(one, tmp_path / "runs", tmp_path / "results", train=False, log=lines.append) == []
-    assert f"{path.name} is another run ({why}" in lines[0] or f"seed0.json is another run ({why}" in lines[0], lines
-    assert "left out" in lines[0]
-    assert "is another run" in lines[1] and why in lines[1] and "set aside as seed0.stale" in lines[1], lines
+    assert f"{path} is another run ({why}" in lines[0], lines
+    assert f"{out} is another run ({why}" in lines[1] and lines[1].endswith("left out"), lines
     assert "not trained yet" in lines[2], lines
-    assert (tmp_path / "runs" / one.name / "sigmoid_bias" / "seed0.stale" / "spec.json").is_file()
-    assert summary.mismatch(summary.saved_key(summary.read(path)), summary.run_key(one.spec("sigmoid_bias", 0)))
+    assert (out / "spec.json").is_file()  # --report moves nothing
+
+    trained = []
+
+    def train_one(experiment, name, seed, folder, **kwargs):  # stands in for the trainer
+        trained.append(folder)
+        _fake_finished_run(folder, experiment.spec(name, seed))
+
+    monkeypatch.setattr(runner, "train_one", train_one)
+    lines = []
+    [run] = runner.run_experiment(one, tmp_path / "runs", tmp_path / "results", log=lines.append)
+    assert f"{out} is another run ({why}" in lines[1] and "set aside as seed0.stale" in lines[1], lines
+    assert trained == [out] and (out.with_name("seed0.stale") / "spec.json").is_file()
+    assert summary.mismatch(summary.saved_key(summary.read(run.summary)), summary.run_key(one.spec("sigmoid_bias", 0))) is None
 
 
 def test_data_fingerprint_is_the_files_content(tmp_path):
@@ -218,7 +230,10 @@ def test_a_run_in_a_precision_the_budget_does_not_allow_is_refused(asked, saved,
     [(name, seed, out)] = runner.plan(one, tmp_path)
     _fake_finished_run(out, one.spec(name, seed), saved)
     with pytest.raises(runner.RunFailed, match=rf"different spec \(train\.precision; it trained in {saved}, "):
-        runner.run_experiment(one, tmp_path, tmp_path / "results", train=False, log=lambda line: None)
+        runner.run_experiment(one, tmp_path, tmp_path / "results", log=lambda line: None)  # before any training
+    lines = []  # --report leaves it out instead
+    assert runner.run_experiment(one, tmp_path, tmp_path / "results", train=False, log=lines.append) == []
+    assert "different spec" in lines[0] and lines[0].endswith("left out"), lines
 
 
 def test_a_run_folder_this_zoo_cannot_read_is_one_line(tmp_path):
@@ -349,3 +364,41 @@ def test_an_interrupted_run_with_hellaswag_resumes_through_its_final_phase(smoke
     runner.train_one(exp1, "mlp", 0, out, smoke=True, jobs=2)
     assert runner.is_finished(out, exp1.spec("mlp", 0, smoke=True))
     assert list(read_scalars(out)["hellaswag/acc_norm"]) == [3]  # scored on the final model only
+
+
+def test_a_report_without_the_data_file_takes_the_summaries_hashes(tmp_path):
+    """A clone without ../shared cannot hash the corpus: --report still rebuilds from the committed summaries
+    (their recorded hash stands), where training would refuse them."""
+    from dataclasses import replace
+
+    from experiments import runner
+
+    one = _one(budget=replace(EXPERIMENTS["exp4"].budget, source="../shared/data/not_here.parquet"))
+    path = _summarised(tmp_path, one)
+    found = summary.read(path)
+    assert found["key"]["data_sha256"] == "unhashed:../shared/data/not_here.parquet"
+    found["key"]["data_sha256"] = "ab" * 32  # as the machine that had the file recorded it
+    summary.write(path, found)
+    lines = []
+    [run] = runner.run_experiment(one, tmp_path / "runs", tmp_path / "results", train=False, log=lines.append)
+    assert run.summary == path and "cannot be read here" in lines[0] and "summarised earlier" in lines[1]
+
+
+def test_scalars_a_killed_process_logged_past_its_checkpoint_are_dropped(tmp_path):
+    """A process killed at step 35 after its checkpoint at 20 logged steps 30 (with an evaluation's time);
+    the resumed process logs 21-40 again. Only the resumed values count, or the training time would
+    subtract the dead process's evaluation from the live process's step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, points in (("1", {10: 1.0, 20: 1.0, 30: 1.0}), ("2", {21: 2.0, 30: 2.0, 40: 2.0})):
+        with SummaryWriter(log_dir=str(tmp_path / name)) as writer:
+            for step, value in points.items():
+                writer.add_scalar("time/step", value, step)
+            if name == "1":
+                writer.add_scalar("time/evaluation", 0.5, 30)
+        [events] = (tmp_path / name).glob("events.out.tfevents.*")
+        events.rename(tmp_path / f"events.out.tfevents.{name}")
+    scalars = read_scalars(tmp_path)
+    assert scalars["time/step"] == {10: 1.0, 20: 1.0, 21: 2.0, 30: 2.0, 40: 2.0}
+    assert "time/evaluation" not in scalars
+    assert summary._training_seconds(scalars) == {10: 10.0, 20: 20.0, 21: 22.0, 30: 40.0, 40: 60.0}
