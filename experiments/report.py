@@ -93,7 +93,8 @@ def table_markdown(experiment: Experiment, results: list[RunResult], *, smoke: b
         text += [f"Tokens to target: the training tokens at which a run's validation curve first reaches the final "
                  f"validation loss of {experiment.reference} on the same seed (each seed has its own validation "
                  "documents and tokenizer), interpolated between evaluations; the mean is over the seeds that "
-                 f"reach it ({experiment.reference} itself needs its whole budget).", ""]
+                 f"reach it ({experiment.reference} reaches its own final loss at its last evaluation, or earlier "
+                 "where its curve dipped below it).", ""]
     if len(experiment.groups) == 2:
         rows, cols = experiment.groups
         text += [(f"Best over {experiment.sweep} of the final validation loss (each variant's mean over seeds) "

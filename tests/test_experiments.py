@@ -185,7 +185,7 @@ def test_tokens_to_reach_interpolates_between_evaluations():
 
 def test_each_seed_is_timed_to_the_reference_on_the_same_seed():
     """Seeds differ in validation documents and tokenizer: a target shared by all seeds would be reached or
-    not by the seed's luck. The reference needs its whole budget to reach its own target."""
+    not by the seed's luck. The reference reaches its own target by its last evaluation."""
     from experiments.results import targets
 
     exp1 = EXPERIMENTS["exp1"]
