@@ -88,8 +88,8 @@ def spec_mismatch(recorded: RunSpec, wanted: RunSpec, ignore: tuple[str, ...] = 
 def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     """{tag: {step: value}} from every event file of a run (a resumed run writes one per process, in time
     order). A process killed outright may have logged steps past its last checkpoint; the process that
-    resumed from that checkpoint logs them again, and only its values count: each file drops what the
-    files before it logged from its own first step on."""
+    resumed from that checkpoint logs them again, and only its values count: each process's file drops
+    what the files before it logged from its own first logged step on."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     values: dict[str, dict[int, float]] = defaultdict(dict)
@@ -97,7 +97,9 @@ def read_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         scalars = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-        steps = [step for curve in scalars.values() for step in curve]
+        # A training process logs time/step from its first step on; other files in the folder (the
+        # hparams summary written at the end, at step 0) start no process and drop nothing.
+        steps = list(scalars.get("time/step", {}))
         if steps:
             first = min(steps)
             for curve in values.values():

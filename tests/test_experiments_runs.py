@@ -398,7 +398,12 @@ def test_scalars_a_killed_process_logged_past_its_checkpoint_are_dropped(tmp_pat
                 writer.add_scalar("time/evaluation", 0.5, 30)
         [events] = (tmp_path / name).glob("events.out.tfevents.*")
         events.rename(tmp_path / f"events.out.tfevents.{name}")
+    with SummaryWriter(log_dir=str(tmp_path / "3")) as writer:  # what add_hparams writes at the end: step 0
+        writer.add_scalar("hparam/val_loss", 3.0, 0)
+    [events] = (tmp_path / "3").glob("events.out.tfevents.*")
+    events.rename(tmp_path / "events.out.tfevents.3")
     scalars = read_scalars(tmp_path)
     assert scalars["time/step"] == {10: 1.0, 20: 1.0, 21: 2.0, 30: 2.0, 40: 2.0}
+    assert scalars["hparam/val_loss"] == {0: 3.0}
     assert "time/evaluation" not in scalars
     assert summary._training_seconds(scalars) == {10: 10.0, 20: 20.0, 21: 22.0, 30: 40.0, 40: 60.0}
