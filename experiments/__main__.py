@@ -22,6 +22,12 @@ RUNS = ROOT / "runs" / "experiments"  # runs/ is git-ignored
 RESULTS = ROOT / "experiments" / "results"
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of runs >= 1")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     p.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
@@ -31,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true",
                    help="train nothing: rebuild results.csv, table.md, README.md and the plots from the run "
                         "summaries (and from finished run folders not yet summarised)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=_positive, default=None,
                    help="runs trained at once (default 1; 2 with --smoke, whose runs are mostly start-up)")
     p.add_argument("--out", type=Path, default=None, help="smoke: where runs/ and results/ go")
     p.add_argument("--runs", type=Path, default=None, help=f"run folders (default {RUNS.relative_to(ROOT)})")

@@ -148,7 +148,7 @@ def run_experiment(experiment: Experiment, runs_root: Path, results_root: Path, 
             done[out] = Run(experiment.name, name, seed, spec, out, path)
             continue
         if not train:
-            log(f"{tag}: not trained yet (no summary in {_shown(path)})")
+            log(f"{tag}: not trained yet (no summary of this run in {_shown(path)})")
             continue
         pending.append((tag, name, seed, out, spec, key))
 

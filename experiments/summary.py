@@ -214,9 +214,15 @@ def write(path: Path, summary: dict[str, Any]) -> None:
 
 
 def read(path: Path) -> dict[str, Any] | None:
+    """A summary file's content; None when there is none. A file that is not a summary's JSON (cut short,
+    edited by hand) reads as a summary of no format, so the runner calls it another run and says so."""
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {"format": "unreadable"}
+    return found if isinstance(found, dict) else {"format": "unreadable"}
 
 
 def saved_spec(summary: dict[str, Any]) -> RunSpec:

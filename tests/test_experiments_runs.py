@@ -407,3 +407,14 @@ def test_scalars_a_killed_process_logged_past_its_checkpoint_are_dropped(tmp_pat
     assert scalars["hparam/val_loss"] == {0: 3.0}
     assert "time/evaluation" not in scalars
     assert summary._training_seconds(scalars) == {10: 10.0, 20: 20.0, 21: 22.0, 30: 40.0, 40: 60.0}
+
+
+def test_a_summary_that_is_not_json_is_another_run(tmp_path):
+    from experiments import runner
+
+    one = _one()
+    path = _summarised(tmp_path, one)
+    path.write_text("{cut short")
+    lines = []
+    assert runner.run_experiment(one, tmp_path / "runs", tmp_path / "results", train=False, log=lines.append) == []
+    assert "is another run (a summary of format unreadable, not 1)" in lines[0], lines
